@@ -1,0 +1,44 @@
+"""Loguru set-up for the suite's Python services: JSON lines with ``service`` and, where bound,
+the deployment ``id``. Only entry points call :func:`configure_logging`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC
+from typing import Any
+
+from loguru import logger
+
+Sink = Callable[[Any], None]
+RESERVED = ("time", "service", "level", "message")
+
+
+def record_to_dict(record: Any) -> dict[str, Any]:
+    """A loguru record as the aggregator's wire record."""
+    out: dict[str, Any] = {
+        "time": record["time"].astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "service": record["extra"].get("service", "unknown"),
+        "level": record["level"].name.lower(),
+        "message": record["message"],
+    }
+    for key, value in record["extra"].items():
+        if key not in RESERVED and key != "service":
+            out[key] = value if isinstance(value, str | int | float | bool) or value is None else str(value)
+    if record["exception"] is not None:
+        exc = record["exception"]
+        out["exception"] = f"{exc.type.__name__ if exc.type else 'Exception'}: {exc.value}"
+    return out
+
+
+def _stderr_sink(message: Any) -> None:
+    sys.stderr.write(json.dumps(record_to_dict(message.record)) + "\n")
+
+
+def configure_logging(service: str, *, level: str = "INFO", sinks: list[Sink] | None = None) -> None:
+    logger.remove()
+    logger.configure(extra={"service": service})
+    logger.add(_stderr_sink, level=level)
+    for sink in sinks or []:
+        logger.add(sink, level=level)

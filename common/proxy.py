@@ -1,0 +1,61 @@
+"""Client of configurable-http-proxy's REST API (routes and their ``last_activity``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import httpx
+
+from common.errors import BadProxyError
+
+
+class ProxyClient:
+    """Adds, removes and lists ``/user/<id>`` routes. Errors become ``BadProxyError``."""
+
+    def __init__(self, *, api_url: str, token: str, public_url: str, timeout: float = 5.0) -> None:
+        self._api = httpx.AsyncClient(
+            base_url=api_url,
+            headers={"Authorization": f"token {token}"},
+            timeout=timeout,
+        )
+        self._public = httpx.AsyncClient(base_url=public_url, timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._api.aclose()
+        await self._public.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        try:
+            response = await self._api.request(method, path, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise BadProxyError(f"proxy API unreachable: {exc.__class__.__name__}") from exc
+        if response.status_code >= 400 and not (method == "DELETE" and response.status_code == 404):
+            raise BadProxyError(f"proxy API answered {response.status_code} to {method} {path}")
+        return response
+
+    async def ping(self) -> None:
+        await self._call("GET", "/api/routes")
+
+    async def add_route(self, path: str, target: str) -> None:
+        await self._call("POST", f"/api/routes{path}", json={"target": target})
+
+    async def remove_route(self, path: str) -> None:
+        await self._call("DELETE", f"/api/routes{path}")
+
+    async def routes(self) -> dict[str, tuple[str, datetime | None]]:
+        """Every route as ``{path: (target, last_activity)}``."""
+        data = (await self._call("GET", "/api/routes")).json()
+        out: dict[str, tuple[str, datetime | None]] = {}
+        for path, info in data.items():
+            stamp = info.get("last_activity")
+            when = datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
+            out[path] = (info.get("target", ""), when)
+        return out
+
+    async def public_get(self, path: str) -> int:
+        """Status of a GET through the public port (0 when the proxy cannot be reached)."""
+        try:
+            response = await self._public.get(path)
+        except httpx.HTTPError:
+            return 0
+        return response.status_code

@@ -1,0 +1,295 @@
+"""Settings of the suite: frozen dataclasses per component, loaded in layers.
+
+The layers are the embedded defaults (``configs/defaults.toml``), then the operator's ``--config``
+file, then ``BINDER_<SECTION>_<KEY>`` environment variables. Every value is validated against the
+dataclass field's type; an error names the file (or variable), the key and the expected type.
+Secrets (the API key, the proxy token) never come from a file: they arrive through the
+environment and are ``repr=False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULTS_FILE = CONFIGS_DIR / "defaults.toml"
+
+
+@dataclass(frozen=True)
+class DbSettings:
+    uri: str = ""
+    """External MongoDB URI; empty means the suite runs its own ``db`` program."""
+    host: str = "127.0.0.1"
+    """Address the ``db`` program listens on."""
+    port: int = 27017
+    """Port of the ``db`` program."""
+    database: str = "binder"
+    """Database name used by every service."""
+    command: str = ""
+    """Server command; empty means ``mongod`` when on PATH, else the embedded server."""
+
+    @property
+    def effective_uri(self) -> str:
+        return self.uri or f"mongodb://{self.host}:{self.port}/?directConnection=true"
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    public_host: str = ""
+    """``host[:port]`` used in ``location``; empty means this host's name and the proxy port."""
+    ip: str = "0.0.0.0"
+    """Public bind address of the proxy."""
+    port: int = 8000
+    """Public port of the proxy."""
+    api_ip: str = "127.0.0.1"
+    """Bind address of the proxy's REST API."""
+    api_port: int = 8001
+    """Port of the proxy's REST API."""
+    token: str = field(default="", repr=False)
+    """The proxy API token (secret; environment only)."""
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_ip}:{self.api_port}"
+
+    @property
+    def public_url(self) -> str:
+        host = "127.0.0.1" if self.ip in ("0.0.0.0", "") else self.ip
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    host: str = "127.0.0.1"
+    """Bind address of the log aggregator."""
+    port: int = 8050
+    """Port of the log aggregator."""
+    retention_days: int = 7
+    """Log lines older than this are removed."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Largest ingest body accepted; larger ones are answered 413."""
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    kubeconfig: str = ""
+    """Path of a kubeconfig; empty means in-cluster config, then the default kubeconfig."""
+    namespace: str = "binder"
+    """Namespace the deployments' pods live in."""
+
+
+@dataclass(frozen=True)
+class DockerSettings:
+    host: str = ""
+    """Docker engine address; empty means the engine's default socket."""
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    host: str = "0.0.0.0"
+    """Bind address of the deploy API."""
+    port: int = 8084
+    """Port of the deploy API."""
+    backend: str = "local"
+    """Where templates run: ``local``, ``kubernetes`` or ``docker``."""
+    launch_requires_key: bool = False
+    """When true, launching needs the API key too."""
+    max_deployments: int = 100
+    """Most deployments (deploying or deployed) at once, over all templates."""
+    cull_interval_seconds: float = 60
+    """How often the culler looks for idle deployments."""
+    max_age_seconds: float = 21600
+    """A deployment older than this is culled however busy it is."""
+    default_cull_timeout_ms: int = 3_600_000
+    """Inactivity after which a deployment is culled, when neither request nor template says."""
+    launch_timeout_seconds: float = 120
+    """A launch not deployed after this long fails."""
+    templates_dir: str = ""
+    """Folder of ``*.toml`` templates seeded at start; empty means ``configs/templates``."""
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    docker: DockerSettings = field(default_factory=DockerSettings)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=lambda: Path("~/.binder").expanduser())
+    """Where the suite writes everything: config, socket, logs, data, the API key."""
+    db: DbSettings = field(default_factory=DbSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    deploy: DeploySettings = field(default_factory=DeploySettings)
+    api_key: str = field(default="", repr=False)
+    """The deploy API key (secret; environment or the stored key file only)."""
+
+    @property
+    def templates_dir(self) -> Path:
+        return Path(self.deploy.templates_dir) if self.deploy.templates_dir else CONFIGS_DIR / "templates"
+
+    @property
+    def public_host(self) -> str:
+        if self.proxy.public_host:
+            return self.proxy.public_host
+        import socket
+
+        return f"{socket.gethostname()}:{self.proxy.port}"
+
+
+SECRET_KEYS = frozenset({"api_key", "token"})
+BACKENDS = ("local", "kubernetes", "docker")
+
+
+def load_settings(
+    config: Path | None = None,
+    *,
+    home: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Load defaults, then ``config``, then ``BINDER_*`` variables of ``environ``."""
+    environ = os.environ if environ is None else environ
+    raw = _read_toml(DEFAULTS_FILE)
+    if config is not None:
+        _merge(raw, _read_toml(config), source=str(config))
+    _apply_environ(raw, environ)
+    home_path = home or Path(environ.get("BINDER_HOME") or "~/.binder").expanduser()
+    raw["home"] = home_path
+    raw.setdefault("proxy", {})["token"] = environ.get("CONFIGPROXY_AUTH_TOKEN", "")
+    raw["api_key"] = environ.get("BINDER_API_KEY", "")
+    settings = _build(Settings, raw, source=str(config or DEFAULTS_FILE), prefix="")
+    assert isinstance(settings, Settings)
+    _check(settings)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any], *, source: str, prefix: str = "") -> None:
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, source=source, prefix=f"{prefix}{key}.")
+        elif key not in base and not isinstance(base.get(key), dict):
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'")
+        else:
+            base[key] = value
+
+
+def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    def walk(node: dict[str, Any], path: list[str]) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, [*path, key])
+                continue
+            name = "BINDER_" + "_".join([*path, key]).upper()
+            if name in environ:
+                node[key] = _EnvValue(name, environ[name])
+
+    walk(raw, [])
+
+
+@dataclass(frozen=True)
+class _EnvValue:
+    name: str
+    text: str
+
+
+def _build(cls: type, raw: Mapping[str, Any], *, source: str, prefix: str) -> object:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        value = raw[f.name]
+        kind = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: '{key}' must be a table")
+            kwargs[f.name] = _build(kind, value, source=source, prefix=f"{key}.")  # type: ignore[arg-type]
+        else:
+            kwargs[f.name] = _coerce(kind, value, source=source, key=key)
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any, *, source: str, key: str) -> Any:
+    if isinstance(value, _EnvValue):
+        source, text = value.name, value.text
+        try:
+            if kind is bool:
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(text)
+                return text.lower() in ("1", "true", "yes")
+            return Path(text) if kind is Path else kind(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: '{key}' must be {_type_name(kind)}, got {text!r}") from exc
+    if kind is Path:
+        return Path(value)
+    ok = (
+        isinstance(value, bool)
+        if kind is bool
+        else isinstance(value, kind) and not isinstance(value, bool)
+        if kind in (int, str)
+        else isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is float
+        else True
+    )
+    if not ok:
+        raise ConfigError(
+            f"{source}: '{key}' must be {_type_name(kind)}, got {type(value).__name__} {value!r}"
+        )
+    return float(value) if kind is float else value
+
+
+def _type_name(kind: Any) -> str:
+    if isinstance(kind, types.UnionType):
+        return " or ".join(_type_name(k) for k in typing.get_args(kind))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        kind, getattr(kind, "__name__", str(kind))
+    )
+
+
+def _check(settings: Settings) -> None:
+    if settings.deploy.backend not in BACKENDS:
+        raise ConfigError(
+            f"'deploy.backend' must be one of {', '.join(BACKENDS)}, got {settings.deploy.backend!r}"
+        )
+    ports = {
+        "db.port": settings.db.port,
+        "proxy.port": settings.proxy.port,
+        "proxy.api_port": settings.proxy.api_port,
+        "logging.port": settings.logging.port,
+        "deploy.port": settings.deploy.port,
+    }
+    for key, port in ports.items():
+        if not 0 < port < 65536:
+            raise ConfigError(f"'{key}' must be a port between 1 and 65535, got {port}")
+    positive = {
+        "deploy.max_deployments": settings.deploy.max_deployments,
+        "deploy.cull_interval_seconds": settings.deploy.cull_interval_seconds,
+        "deploy.launch_timeout_seconds": settings.deploy.launch_timeout_seconds,
+        "logging.retention_days": settings.logging.retention_days,
+    }
+    for key, number in positive.items():
+        if number <= 0:
+            raise ConfigError(f"'{key}' must be greater than 0, got {number}")

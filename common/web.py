@@ -1,0 +1,100 @@
+"""Starlette plumbing shared by the suite's HTTP services: one error table, bounded JSON bodies,
+the API-key check and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from loguru import logger
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from common.errors import (
+    BinderError,
+    MalformedRequestError,
+    PayloadTooLargeError,
+    UnauthorizedError,
+)
+
+HTTP_TYPES = {404: "notFound", 405: "methodNotAllowed", 400: "malformedRequest"}
+
+
+def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"type": type_, "error": message}, status_code=status, headers=headers)
+
+
+async def binder_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BinderError)
+    if exc.status_code >= 500:
+        logger.warning("{} {} answered {}: {}", request.method, request.url.path, exc.type, exc.message)
+    return error_response(exc.status_code, exc.type, exc.message, exc.headers)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    type_ = HTTP_TYPES.get(exc.status_code, "httpError")
+    return error_response(exc.status_code, type_, str(exc.detail), dict(exc.headers or {}))
+
+
+async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
+    logger.opt(exception=exc).error("{} {} failed unexpectedly", request.method, request.url.path)
+    return error_response(500, "internal", "internal error; see the service's log")
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    BinderError: binder_error_handler,
+    HTTPException: http_error_handler,
+    Exception: unexpected_error_handler,
+}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) one larger than ``limit`` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    """A JSON object body; an empty body is an empty object."""
+    body = await read_body(request, limit)
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedRequestError(f"body: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise MalformedRequestError("body: must be a JSON object")
+    return data
+
+
+def presented_key(request: Request) -> str:
+    """The key in ``Authorization``: raw (as Binder's clients send it), ``Bearer K`` or ``token K``."""
+    header = request.headers.get("authorization", "").strip()
+    scheme, _, rest = header.partition(" ")
+    if scheme.lower() in ("bearer", "token") and rest:
+        return rest.strip()
+    return header
+
+
+def require_key(request: Request, api_key: str) -> None:
+    given = presented_key(request)
+    if not api_key or not given or not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise UnauthorizedError("missing or wrong API key in the Authorization header")
+
+
+def metrics_response(registry: CollectorRegistry) -> Response:
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

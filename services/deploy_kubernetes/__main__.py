@@ -1,0 +1,49 @@
+"""Entry point: ``python -m services.deploy_kubernetes --config PATH``.
+
+The API key comes from ``BINDER_API_KEY`` and the proxy token from ``CONFIGPROXY_AUTH_TOKEN``,
+never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import uvicorn
+from loguru import logger
+
+from common.errors import BinderError
+from common.logs import configure_logging
+from common.settings import load_settings
+from services.deploy_kubernetes.app import create_app
+from services.logging.sink import AggregatorSink
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.deploy_kubernetes", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="TOML file overriding the defaults")
+    parser.add_argument("--home", type=Path, help="the suite's home (default $BINDER_HOME or ~/.binder)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config, home=args.home)
+    except BinderError as exc:
+        print(f"deploy-kubernetes: {exc.message}", file=sys.stderr)
+        return 1
+    sink = AggregatorSink(settings.logging.url)
+    configure_logging("deploy-kubernetes", sinks=[sink])
+    if not settings.api_key:
+        logger.warning("BINDER_API_KEY is not set: every endpoint that needs the key answers 403")
+    logger.info("deploy server on {}:{} with the {} backend", settings.deploy.host,
+                settings.deploy.port, settings.deploy.backend)
+    try:
+        uvicorn.run(create_app(settings), host=settings.deploy.host, port=settings.deploy.port,
+                    log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    finally:
+        sink.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

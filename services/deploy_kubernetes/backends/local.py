@@ -1,0 +1,220 @@
+"""The ``local`` backend: each deployment is a process on this host, in its own process group.
+
+A pid file per deployment (``<state_dir>/<id>.json``: pid, port, process start time) is written
+right after the spawn, so a restarted server finds its apps again (and a reused pid is told apart
+by its start time). Apps survive a server restart; ``stop`` ends the whole process group.
+Memory limits are applied as an address-space rlimit; CPU limits need cgroups and are not enforced
+by this backend (the container backends enforce both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+from loguru import logger
+
+from services.deploy_kubernetes.backends.base import (
+    LaunchSpec,
+    Notify,
+    Observed,
+    State,
+    wait_http,
+)
+from services.deploy_kubernetes.errors import LaunchError
+from services.deploy_kubernetes.models import Template, memory_bytes
+
+PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
+STOP_GRACE_SECONDS = 5.0
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot, or None when it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "process vanished"
+    if code < 0:
+        return f"process was killed by signal {signal.Signals(-code).name}"
+    return f"process exited with code {code}"
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, *, state_dir: Path, log_dir: Path, host: str = "127.0.0.1",
+                 python: str = sys.executable) -> None:
+        self._state_dir = state_dir
+        self._log_dir = log_dir
+        self._host = host
+        self._python = python
+        self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._notify: Notify | None = None
+        self._stopping: set[str] = set()
+
+    async def open(self, notify: Notify) -> None:
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        self._notify = notify
+        self._spawn_task(self._watch_adopted())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        self._tasks.clear()
+
+    async def ping(self) -> None:
+        return None
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _pidfile(self, dep_id: str) -> Path:
+        return self._state_dir / f"{dep_id}.json"
+
+    async def launch(self, spec: LaunchSpec) -> Observed:
+        template = spec.template
+        port = _free_port(self._host)
+        argv = [spec.substitute(w, port=port, python=self._python) for w in template.command]
+        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        env.update(template.env)
+        env.update({"PORT": str(port), "BASE_URL": spec.base_url, "BINDER_ID": spec.id,
+                    "PYTHONUNBUFFERED": "1"})
+        limit = memory_bytes(template.limits["memory"]) if "memory" in template.limits else None
+
+        def preexec() -> None:  # runs in the child between fork and exec
+            if limit:
+                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        log_path = self._log_dir / f"{spec.id}.log"
+        try:
+            with open(log_path, "ab") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True, preexec_fn=preexec, cwd=self._state_dir,
+                )
+        except OSError as exc:
+            raise LaunchError(f"could not start {argv[0]!r}: {exc.strerror or exc}") from exc
+        ref = {"pid": proc.pid, "port": port, "started": _start_time(proc.pid),
+               "template": template.name}
+        tmp = self._pidfile(spec.id).with_suffix(".tmp")
+        tmp.write_text(json.dumps(ref))
+        tmp.replace(self._pidfile(spec.id))
+        self._children[spec.id] = proc
+        self._spawn_task(self._reap(spec.id, proc, ref))
+        logger.bind(id=spec.id, template=template.name).info("started pid {} on port {}", proc.pid, port)
+        return Observed(spec.id, State.STARTING, f"http://{self._host}:{port}", ref, None, template.name)
+
+    async def _reap(self, dep_id: str, proc: asyncio.subprocess.Process, ref: dict[str, Any]) -> None:
+        code = await proc.wait()
+        self._children.pop(dep_id, None)
+        if dep_id in self._stopping or self._notify is None:
+            return
+        await self._notify(Observed(dep_id, State.EXITED, None, ref, _exit_reason(code), ref.get("template")))
+
+    async def _watch_adopted(self) -> None:
+        """Apps started by an earlier server are not our children: look at them once a second."""
+        while True:
+            await anyio.sleep(1.0)
+            for obs in await self.list():
+                if obs.state is State.EXITED and obs.id not in self._stopping and self._notify:
+                    await self._notify(obs)
+
+    def _alive(self, ref: dict[str, Any]) -> bool:
+        pid, started = ref.get("pid"), ref.get("started")
+        return isinstance(pid, int) and started is not None and _start_time(pid) == started
+
+    async def wait_ready(self, spec: LaunchSpec, observed: Observed, *, deadline: float) -> Observed:
+        async def alive() -> str | None:
+            proc = self._children.get(spec.id)
+            if proc is not None and proc.returncode is not None:
+                return _exit_reason(proc.returncode)
+            if proc is None and not self._alive(observed.ref):
+                return _exit_reason(None)
+            return None
+
+        assert observed.target is not None
+        await wait_http(observed.target + spec.base_url, deadline=deadline, alive=alive)
+        return Observed(spec.id, State.RUNNING, observed.target, observed.ref, None, observed.template)
+
+    async def stop(self, dep_id: str, ref: dict[str, Any]) -> None:
+        self._stopping.add(dep_id)
+        try:
+            if not ref:
+                ref = self._read(dep_id) or {}
+            if self._alive(ref):
+                await self._kill_group(int(ref["pid"]))
+            proc = self._children.get(dep_id)
+            if proc is not None and proc.returncode is None:
+                await self._kill_group(proc.pid)
+            self._pidfile(dep_id).unlink(missing_ok=True)
+        finally:
+            self._stopping.discard(dep_id)
+
+    async def _kill_group(self, pid: int) -> None:
+        started = _start_time(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        with anyio.move_on_after(STOP_GRACE_SECONDS):
+            while started is not None and _start_time(pid) == started:
+                await anyio.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+    def _read(self, dep_id: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self._pidfile(dep_id).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    async def list(self) -> list[Observed]:
+        out = []
+        for path in sorted(self._state_dir.glob("*.json")):
+            ref = self._read(path.stem)
+            if ref is None:
+                continue
+            proc = self._children.get(path.stem)
+            running = (proc is not None and proc.returncode is None) or self._alive(ref)
+            out.append(Observed(
+                path.stem,
+                State.RUNNING if running else State.EXITED,
+                f"http://{self._host}:{ref.get('port')}",
+                ref,
+                None if running else _exit_reason(proc.returncode if proc else None),
+                ref.get("template"),
+            ))
+        return out
+
+    async def preload(self, template: Template) -> None:
+        return None  # nothing to pull: the command runs from this host
+
+    async def preload_status(self, template: Template) -> str:
+        return "completed"

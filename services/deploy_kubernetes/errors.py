@@ -1,0 +1,59 @@
+"""Errors of the deploy API, each with its HTTP status and Binder's wire ``type``."""
+
+from __future__ import annotations
+
+from common.errors import (
+    BadDatabaseError,
+    BadProxyError,
+    BinderError,
+    MalformedRequestError,
+    PayloadTooLargeError,
+    UnauthorizedError,
+)
+
+__all__ = [
+    "BadBackendError",
+    "BadDatabaseError",
+    "BadProxyError",
+    "BinderError",
+    "CapacityError",
+    "ConflictError",
+    "LaunchError",
+    "MalformedRequestError",
+    "NoRecordError",
+    "NoTemplateError",
+    "PayloadTooLargeError",
+    "UnauthorizedError",
+]
+
+
+class NoTemplateError(BinderError):
+    status_code = 404
+    type = "noTemplate"
+
+
+class NoRecordError(BinderError):
+    status_code = 404
+    type = "noRecord"
+
+
+class CapacityError(BinderError):
+    status_code = 429
+    type = "capacity"
+
+
+class BadBackendError(BinderError):
+    status_code = 503
+    type = "badBackend"
+
+
+class ConflictError(BinderError):
+    status_code = 409
+    type = "conflict"
+
+
+class LaunchError(BinderError):
+    """A launch that cannot succeed; its message becomes the deployment's ``reason``."""
+
+    status_code = 500
+    type = "launchFailed"

@@ -1,0 +1,166 @@
+"""Deployment and template records in MongoDB (pymongo's async client; the only pymongo user
+of the deploy server). Every database failure becomes ``BadDatabaseError``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from services.deploy_kubernetes.errors import BadDatabaseError, ConflictError
+from services.deploy_kubernetes.models import Deployment, Status, Template, parse_template
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Store(Protocol):
+    """Where deployments and templates live. Implemented by :class:`MongoStore` and the tests' fake."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+    async def insert(self, dep: Deployment) -> None: ...
+    async def get(self, dep_id: str) -> Deployment | None: ...
+    async def transition(
+        self, dep_id: str, sources: Iterable[Status], to: Status, **fields: Any
+    ) -> Deployment | None: ...
+    async def update(self, dep_id: str, **fields: Any) -> Deployment | None: ...
+    async def list(
+        self, *, template: str | None = None, statuses: Iterable[Status] | None = None,
+        pooled: bool | None = False, limit: int = 0,
+    ) -> list[Deployment]: ...
+    async def count_active(self, *, template: str | None = None) -> int: ...
+    async def claim_pooled(self, template: str, **fields: Any) -> Deployment | None: ...
+    async def put_template(self, template: Template) -> None: ...
+    async def get_template(self, name: str) -> Template | None: ...
+    async def list_templates(self) -> list[Template]: ...
+    async def delete_template(self, name: str) -> bool: ...
+
+
+def _translated(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await func(*args, **kwargs)
+        except DuplicateKeyError as exc:
+            raise ConflictError("a record with that id exists already") from exc
+        except PyMongoError as exc:
+            raise BadDatabaseError(f"database unreachable: {exc.__class__.__name__}") from exc
+
+    return wrapper
+
+
+ACTIVE = [Status.DEPLOYING.value, Status.DEPLOYED.value]
+
+
+class MongoStore:
+    """:class:`Store` on a MongoDB server (or the embedded wire-compatible one)."""
+
+    def __init__(self, *, uri: str, database: str, timeout_ms: int = 2000) -> None:
+        self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, tz_aware=True
+        )
+        db = self._client[database]
+        self._deps = db["deployments"]
+        self._templates = db["templates"]
+
+    @_translated
+    async def open(self) -> None:
+        await self._deps.create_index([("id", ASCENDING)], unique=True)
+        await self._deps.create_index([("status", ASCENDING), ("template", ASCENDING)])
+        await self._deps.create_index([("template", ASCENDING), ("created", DESCENDING)])
+        await self._templates.create_index([("name", ASCENDING)], unique=True)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    @_translated
+    async def ping(self) -> None:
+        await self._client.admin.command("ping")
+
+    @_translated
+    async def insert(self, dep: Deployment) -> None:
+        await self._deps.insert_one(dep.to_doc())
+
+    @_translated
+    async def get(self, dep_id: str) -> Deployment | None:
+        doc = await self._deps.find_one({"id": dep_id}, {"_id": 0})
+        return Deployment.from_doc(doc) if doc else None
+
+    @_translated
+    async def transition(
+        self, dep_id: str, sources: Iterable[Status], to: Status, **fields: Any
+    ) -> Deployment | None:
+        doc = await self._deps.find_one_and_update(
+            {"id": dep_id, "status": {"$in": [s.value for s in sources]}},
+            {"$set": {**fields, "status": to.value}},
+            projection={"_id": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+        return Deployment.from_doc(doc) if doc else None
+
+    @_translated
+    async def update(self, dep_id: str, **fields: Any) -> Deployment | None:
+        doc = await self._deps.find_one_and_update(
+            {"id": dep_id}, {"$set": fields}, projection={"_id": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+        return Deployment.from_doc(doc) if doc else None
+
+    @_translated
+    async def list(
+        self, *, template: str | None = None, statuses: Iterable[Status] | None = None,
+        pooled: bool | None = False, limit: int = 0,
+    ) -> list[Deployment]:
+        query: dict[str, Any] = {}
+        if template is not None:
+            query["template"] = template
+        if statuses is not None:
+            query["status"] = {"$in": [s.value for s in statuses]}
+        if pooled is not None:
+            query["pooled"] = pooled
+        cursor = self._deps.find(query, {"_id": 0}).sort("created", ASCENDING).limit(limit)
+        return [Deployment.from_doc(doc) async for doc in cursor]
+
+    @_translated
+    async def count_active(self, *, template: str | None = None) -> int:
+        query: dict[str, Any] = {"status": {"$in": ACTIVE}}
+        if template is not None:
+            query["template"] = template
+        return await self._deps.count_documents(query)
+
+    @_translated
+    async def claim_pooled(self, template: str, **fields: Any) -> Deployment | None:
+        doc = await self._deps.find_one_and_update(
+            {"template": template, "pooled": True, "status": Status.DEPLOYED.value},
+            {"$set": {**fields, "pooled": False}},
+            projection={"_id": 0},
+            sort=[("deployed_at", ASCENDING)],
+            return_document=ReturnDocument.AFTER,
+        )
+        return Deployment.from_doc(doc) if doc else None
+
+    @_translated
+    async def put_template(self, template: Template) -> None:
+        await self._templates.replace_one(
+            {"name": template.name}, {"name": template.name, "spec": template.to_api()}, upsert=True
+        )
+
+    @_translated
+    async def get_template(self, name: str) -> Template | None:
+        doc = await self._templates.find_one({"name": name})
+        return parse_template(doc["spec"]) if doc else None
+
+    @_translated
+    async def list_templates(self) -> list[Template]:
+        return [parse_template(d["spec"]) async for d in self._templates.find().sort("name", 1)]
+
+    @_translated
+    async def delete_template(self, name: str) -> bool:
+        result = await self._templates.delete_one({"name": name})
+        return result.deleted_count > 0
+

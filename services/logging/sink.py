@@ -1,0 +1,110 @@
+"""A loguru sink that ships records to the log aggregator without ever blocking the caller.
+
+Records go into a bounded buffer; a daemon thread posts them in batches to ``POST /logs``,
+retrying while the aggregator is down. Each record carries a unique ``rid`` so that a batch sent
+twice (an answer lost in a restart) is stored once. When the buffer is full the oldest records are
+dropped and counted (``binder_log_records_dropped``).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter
+
+from common.logs import record_to_dict
+
+BATCH = 1000
+FLUSH_SECONDS = 0.2
+RETRY_MAX_SECONDS = 5.0
+
+
+class AggregatorSink:
+    def __init__(self, url: str, *, capacity: int = 50_000,
+                 registry: CollectorRegistry | None = None) -> None:
+        self._url = url.rstrip("/") + "/logs"
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self.dropped = 0
+        self.sent = 0
+        self._dropped_metric = Counter(
+            "binder_log_records_dropped", "Log records dropped because the buffer was full",
+            registry=registry,
+        ) if registry is not None else None
+        self._thread = threading.Thread(target=self._run, name="log-sink", daemon=True)
+        self._thread.start()
+
+    def __call__(self, message: Any) -> None:
+        self.push(record_to_dict(message.record))
+
+    def push(self, record: dict[str, Any]) -> None:
+        record.setdefault("rid", secrets.token_hex(12))
+        with self._lock:
+            if len(self._buffer) >= self._capacity:
+                self._buffer.popleft()
+                self.dropped += 1
+                if self._dropped_metric is not None:
+                    self._dropped_metric.inc()
+            self._buffer.append(record)
+            if len(self._buffer) >= BATCH:
+                self._wake.set()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._buffer)
+
+    def _take(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [self._buffer[i] for i in range(min(BATCH, len(self._buffer)))]
+
+    def _drop_sent(self, count: int) -> None:
+        with self._lock:
+            for _ in range(min(count, len(self._buffer))):
+                self._buffer.popleft()
+            self.sent += count
+
+    def _run(self) -> None:
+        delay = 0.1
+        with httpx.Client(timeout=10.0) as client:
+            while True:
+                self._wake.wait(FLUSH_SECONDS)
+                self._wake.clear()
+                while batch := self._take():
+                    if self._post(client, batch):
+                        self._drop_sent(len(batch))
+                        delay = 0.1
+                    else:
+                        if self._closed.is_set():
+                            return
+                        time.sleep(delay)
+                        delay = min(delay * 2, RETRY_MAX_SECONDS)
+                if self._closed.is_set():
+                    return
+
+    def _post(self, client: httpx.Client, batch: list[dict[str, Any]]) -> bool:
+        try:
+            response = client.post(self._url, content=json.dumps(batch, default=str),
+                                   headers={"Content-Type": "application/json"})
+        except httpx.HTTPError:
+            return False
+        # 4xx: the aggregator refused some records for good; retrying would not help
+        return response.status_code < 500
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Flush what can be flushed within ``timeout`` seconds, then stop the thread."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._closed.set()
+        self._wake.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()) + 0.1)
