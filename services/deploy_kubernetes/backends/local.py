@@ -76,6 +76,7 @@ class LocalBackend:
         self._tasks: set[asyncio.Task[None]] = set()
         self._notify: Notify | None = None
         self._stopping: set[str] = set()
+        self._exit_codes: dict[str, int] = {}
 
     async def open(self, notify: Notify) -> None:
         self._state_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +135,7 @@ class LocalBackend:
 
     async def _reap(self, dep_id: str, proc: asyncio.subprocess.Process, ref: dict[str, Any]) -> None:
         code = await proc.wait()
+        self._exit_codes[dep_id] = code
         self._children.pop(dep_id, None)
         if dep_id in self._stopping or self._notify is None:
             return
@@ -157,7 +159,7 @@ class LocalBackend:
             if proc is not None and proc.returncode is not None:
                 return _exit_reason(proc.returncode)
             if proc is None and not self._alive(observed.ref):
-                return _exit_reason(None)
+                return _exit_reason(self._exit_codes.get(spec.id))
             return None
 
         assert observed.target is not None
@@ -175,6 +177,7 @@ class LocalBackend:
             if proc is not None and proc.returncode is None:
                 await self._kill_group(proc.pid)
             self._pidfile(dep_id).unlink(missing_ok=True)
+            self._exit_codes.pop(dep_id, None)
         finally:
             self._stopping.discard(dep_id)
 
@@ -208,7 +211,7 @@ class LocalBackend:
                 State.RUNNING if running else State.EXITED,
                 f"http://{self._host}:{ref.get('port')}",
                 ref,
-                None if running else _exit_reason(proc.returncode if proc else None),
+                None if running else _exit_reason(self._exit_codes.get(path.stem)),
                 ref.get("template"),
             ))
         return out

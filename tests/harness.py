@@ -1,0 +1,259 @@
+"""Real components for integration tests: the database server, the proxy, the suite's services,
+each started as its own process on free ports, awaited with a deadline and stopped cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+CHP = ROOT / ".node" / "node_modules" / ".bin" / "configurable-http-proxy"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (httpx.HTTPError, OSError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+class Proc:
+    """A child process with its output in a file, stopped with SIGTERM (then SIGKILL)."""
+
+    def __init__(self, argv: list[str], *, log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.argv, self.log_path, self.env, self.cwd = argv, log, env, cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=self.cwd, start_new_session=True)
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Database:
+    """The embedded MongoDB-compatible server on a free port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.dir = workdir / "db"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        server = shutil.which("secantusd-py", path=str(VENV_BIN))
+        if server is None:
+            raise RuntimeError("secantusd-py is missing: run `make setup` (it installs secantusdb)")
+        self.proc = Proc([server, "--host", "127.0.0.1", "--port", str(self.port),
+                          "--storage-path", str(self.dir)], log=workdir / "db.log")
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    def start(self) -> Database:
+        self.proc.start()
+        wait_for(lambda: port_open(self.port), what="the database server")
+        return self
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+class Proxy:
+    """configurable-http-proxy with its token in the environment, on free ports."""
+
+    def __init__(self, workdir: Path) -> None:
+        if not CHP.exists():
+            raise RuntimeError("configurable-http-proxy is missing: run `make setup`")
+        self.port, self.api_port = free_port(), free_port()
+        self.token = secrets.token_hex(16)
+        env = {**os.environ, "CONFIGPROXY_AUTH_TOKEN": self.token}
+        self.proc = Proc([str(CHP), "--ip", "127.0.0.1", "--port", str(self.port),
+                          "--api-ip", "127.0.0.1", "--api-port", str(self.api_port)],
+                         log=workdir / "proxy.log", env=env)
+
+    def start(self) -> Proxy:
+        self.proc.start()
+        wait_for(lambda: self.routes() is not None, what="the proxy API")
+        return self
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def routes(self) -> dict[str, Any]:
+        response = httpx.get(f"http://127.0.0.1:{self.api_port}/api/routes",
+                             headers={"Authorization": f"token {self.token}"}, timeout=2)
+        response.raise_for_status()
+        data: dict[str, Any] = response.json()
+        return data
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=5)
+
+
+class DeployServer:
+    """The deploy server as a real process (``python -m services.deploy_kubernetes``)."""
+
+    def __init__(self, workdir: Path, db: Database, proxy: Proxy, **deploy: Any) -> None:
+        self.workdir, self.db, self.proxy = workdir, db, proxy
+        self.port = free_port()
+        self.api_key = secrets.token_hex(16)
+        self.home = workdir / "home"
+        self.config = workdir / "deploy.toml"
+        options = {"port": self.port, "host": "127.0.0.1", **deploy}
+        lines = [
+            "[db]", f"uri = {db.uri!r}".replace("'", '"'),
+            "[proxy]", f"port = {proxy.port}", f"api_port = {proxy.api_port}",
+            f'public_host = "127.0.0.1:{proxy.port}"', 'ip = "127.0.0.1"',
+            "[logging]", f"port = {free_port()}",
+            "[deploy]", *(f"{k} = {_toml(v)}" for k, v in options.items()),
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: Proc | None = None
+        self._client: httpx.Client | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, wait: bool = True) -> DeployServer:
+        env = {**os.environ, "BINDER_API_KEY": self.api_key,
+               "CONFIGPROXY_AUTH_TOKEN": self.proxy.token, "BINDER_HOME": str(self.home)}
+        self.proc = Proc([sys.executable, "-m", "services.deploy_kubernetes", "--config",
+                          str(self.config)], log=self.workdir / "deploy.log", env=env, cwd=ROOT)
+        self.proc.start()
+        if wait:
+            wait_for(lambda: httpx.get(self.url + "/health", timeout=2).status_code == 200,
+                     timeout=30, what="the deploy server's /health")
+        return self
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.proc is not None:
+            self.proc.stop()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill9()
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": self.api_key}
+
+    def client(self) -> httpx.Client:
+        """A client of the API, closed when the server is stopped."""
+        if self._client is None:
+            self._client = httpx.Client(base_url=self.url, timeout=10)
+        return self._client
+
+    def launch(self, template: str = "example", **body: Any) -> str:
+        response = httpx.post(f"{self.url}/applications/{template}", json=body or None, timeout=10)
+        assert response.status_code == 200, response.text
+        dep_id: str = response.json()["id"]
+        return dep_id
+
+    def status(self, dep_id: str, template: str = "example") -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(f"{self.url}/applications/{template}/{dep_id}", timeout=10).json()
+        return data
+
+    def wait_status(self, dep_id: str, *statuses: str, timeout: float = 30.0,
+                    template: str = "example") -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            data = self.status(dep_id, template)
+            return data if data.get("status") in statuses else None
+
+        result: dict[str, Any] = wait_for(check, timeout=timeout, what=f"{dep_id} to be {statuses}")
+        return result
+
+    def app_pids(self) -> dict[str, int]:
+        """Deployment id -> pid of the local backend's running apps (from its pid files)."""
+        import json
+
+        out = {}
+        for path in (self.home / "run" / "local").glob("*.json"):
+            with contextlib.suppress(ValueError, OSError):
+                out[path.stem] = int(json.loads(path.read_text())["pid"])
+        return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
