@@ -13,6 +13,7 @@ from services.deploy_kubernetes.errors import MalformedRequestError
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 QUANTITY_RE = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?$")
 MAX_CULL_TIMEOUT_MS = 30 * 24 * 3600 * 1000
 
@@ -208,16 +209,20 @@ def parse_template(data: dict[str, Any], *, name: str | None = None) -> Template
     if name and data.get("name") not in (None, name):
         raise MalformedRequestError("name: differs from the name in the path")
     command = data.get("command")
-    if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
-        raise MalformedRequestError("command: must be a non-empty list of strings")
+    if not isinstance(command, list) or not command or not all(
+        isinstance(c, str) and "\x00" not in c for c in command
+    ):
+        raise MalformedRequestError("command: must be a non-empty list of strings without NUL")
     for key in ("image-name", "image-source"):
-        if not isinstance(data.get(key, ""), str):
-            raise MalformedRequestError(f"{key}: must be a string")
+        value = data.get(key, "")
+        if not isinstance(value, str) or "\x00" in value or len(value) > 512:
+            raise MalformedRequestError(f"{key}: must be a string of at most 512 characters")
     env = data.get("env", {})
     if not isinstance(env, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        isinstance(k, str) and ENV_NAME_RE.match(k) and isinstance(v, str) and "\x00" not in v
+        for k, v in env.items()
     ):
-        raise MalformedRequestError("env: must be a table of strings")
+        raise MalformedRequestError("env: must map variable names (letters, digits, _) to strings")
     limits = data.get("limits", {})
     if not isinstance(limits, dict) or set(limits) - {"memory", "cpu"}:
         raise MalformedRequestError("limits: must be a table with 'memory' and/or 'cpu'")

@@ -152,7 +152,8 @@ SCHEMAS: dict[str, Any] = {
             "name": NAME, "image-name": {"type": "string"}, "image-source": {"type": "string"},
             "command": {"type": "array", "minItems": 1, "items": {"type": "string"}},
             "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-            "env": {"type": "object", "additionalProperties": {"type": "string"}},
+            "env": {"type": "object", "additionalProperties": {"type": "string"},
+                    "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"}},
             "limits": {"type": "object", "additionalProperties": False, "properties": {
                 "memory": {"type": "string"}, "cpu": {"type": "string"}}},
             "cull-timeout": CULL,
