@@ -24,6 +24,7 @@ test-integration: setup
 	scripts/test tests/integration
 
 lint: setup
+	$(VENV)/bin/ruff format --check control common services tests
 	$(VENV)/bin/ruff check control common services tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports

@@ -18,14 +18,21 @@ RESERVED = ("time", "service", "level", "message")
 def record_to_dict(record: Any) -> dict[str, Any]:
     """A loguru record as the aggregator's wire record."""
     out: dict[str, Any] = {
-        "time": record["time"].astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": record["time"]
+        .astimezone(UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
         "service": record["extra"].get("service", "unknown"),
         "level": record["level"].name.lower(),
         "message": record["message"],
     }
     for key, value in record["extra"].items():
         if key not in RESERVED and key != "service":
-            out[key] = value if isinstance(value, str | int | float | bool) or value is None else str(value)
+            out[key] = (
+                value
+                if isinstance(value, str | int | float | bool) or value is None
+                else str(value)
+            )
     if record["exception"] is not None:
         exc = record["exception"]
         out["exception"] = f"{exc.type.__name__ if exc.type else 'Exception'}: {exc.value}"
@@ -36,7 +43,9 @@ def _stderr_sink(message: Any) -> None:
     sys.stderr.write(json.dumps(record_to_dict(message.record)) + "\n")
 
 
-def configure_logging(service: str, *, level: str = "INFO", sinks: list[Sink] | None = None) -> None:
+def configure_logging(
+    service: str, *, level: str = "INFO", sinks: list[Sink] | None = None
+) -> None:
     logger.remove()
     logger.configure(extra={"service": service})
     logger.add(_stderr_sink, level=level)

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Protocol
 
 import httpx
 
 from common.errors import BadProxyError
+
+
+class Proxy(Protocol):
+    """The proxy port: what the deploy server needs of configurable-http-proxy."""
+
+    async def aclose(self) -> None: ...
+    async def ping(self) -> None: ...
+    async def add_route(self, path: str, target: str) -> None: ...
+    async def remove_route(self, path: str) -> None: ...
+    async def routes(self) -> dict[str, tuple[str, datetime | None]]: ...
+    async def public_get(self, path: str) -> int: ...
 
 
 class ProxyClient:

@@ -138,7 +138,11 @@ class Settings:
 
     @property
     def templates_dir(self) -> Path:
-        return Path(self.deploy.templates_dir) if self.deploy.templates_dir else CONFIGS_DIR / "templates"
+        return (
+            Path(self.deploy.templates_dir)
+            if self.deploy.templates_dir
+            else CONFIGS_DIR / "templates"
+        )
 
     @property
     def public_host(self) -> str:
@@ -171,7 +175,7 @@ def load_settings(
     raw["api_key"] = environ.get("BINDER_API_KEY", "")
     settings = _build(Settings, raw, source=str(config or DEFAULTS_FILE), prefix="")
     assert isinstance(settings, Settings)
-    _check(settings)
+    _check(settings, source=str(config or DEFAULTS_FILE))
     return settings
 
 
@@ -242,7 +246,9 @@ def _coerce(kind: Any, value: Any, *, source: str, key: str) -> Any:
                 return text.lower() in ("1", "true", "yes")
             return Path(text) if kind is Path else kind(text)
         except ValueError as exc:
-            raise ConfigError(f"{source}: '{key}' must be {_type_name(kind)}, got {text!r}") from exc
+            raise ConfigError(
+                f"{source}: '{key}' must be {_type_name(kind)}, got {text!r}"
+            ) from exc
     if kind is Path:
         return Path(value)
     ok = (
@@ -269,10 +275,10 @@ def _type_name(kind: Any) -> str:
     )
 
 
-def _check(settings: Settings) -> None:
+def _check(settings: Settings, *, source: str) -> None:
     if settings.deploy.backend not in BACKENDS:
         raise ConfigError(
-            f"'deploy.backend' must be one of {', '.join(BACKENDS)}, got {settings.deploy.backend!r}"
+            f"{source}: 'deploy.backend' must be one of {', '.join(BACKENDS)}, got {settings.deploy.backend!r}"
         )
     ports = {
         "db.port": settings.db.port,
@@ -283,7 +289,7 @@ def _check(settings: Settings) -> None:
     }
     for key, port in ports.items():
         if not 0 < port < 65536:
-            raise ConfigError(f"'{key}' must be a port between 1 and 65535, got {port}")
+            raise ConfigError(f"{source}: '{key}' must be a port between 1 and 65535, got {port}")
     positive = {
         "deploy.max_deployments": settings.deploy.max_deployments,
         "deploy.cull_interval_seconds": settings.deploy.cull_interval_seconds,
@@ -292,4 +298,4 @@ def _check(settings: Settings) -> None:
     }
     for key, number in positive.items():
         if number <= 0:
-            raise ConfigError(f"'{key}' must be greater than 0, got {number}")
+            raise ConfigError(f"{source}: '{key}' must be greater than 0, got {number}")

@@ -23,14 +23,18 @@ from common.errors import (
 HTTP_TYPES = {404: "notFound", 405: "methodNotAllowed", 400: "malformedRequest"}
 
 
-def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, type_: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"type": type_, "error": message}, status_code=status, headers=headers)
 
 
 async def binder_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BinderError)
     if exc.status_code >= 500:
-        logger.warning("{} {} answered {}: {}", request.method, request.url.path, exc.type, exc.message)
+        logger.warning(
+            "{} {} answered {}: {}", request.method, request.url.path, exc.type, exc.message
+        )
     return error_response(exc.status_code, exc.type, exc.message, exc.headers)
 
 

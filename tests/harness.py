@@ -29,8 +29,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(check: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.05,
-             what: str = "condition") -> Any:
+def wait_for(
+    check: Callable[[], Any],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
     """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -55,15 +60,27 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 class Proc:
     """A child process with its output in a file, stopped with SIGTERM (then SIGKILL)."""
 
-    def __init__(self, argv: list[str], *, log: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        log: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.argv, self.log_path, self.env, self.cwd = argv, log, env, cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=self.cwd, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
         log.close()
         return self
 
@@ -104,8 +121,18 @@ class Database:
         server = shutil.which("secantusd-py", path=str(VENV_BIN))
         if server is None:
             raise RuntimeError("secantusd-py is missing: run `make setup` (it installs secantusdb)")
-        self.proc = Proc([server, "--host", "127.0.0.1", "--port", str(self.port),
-                          "--storage-path", str(self.dir)], log=workdir / "db.log")
+        self.proc = Proc(
+            [
+                server,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--storage-path",
+                str(self.dir),
+            ],
+            log=workdir / "db.log",
+        )
 
     @property
     def uri(self) -> str:
@@ -129,9 +156,21 @@ class Proxy:
         self.port, self.api_port = free_port(), free_port()
         self.token = secrets.token_hex(16)
         env = {**os.environ, "CONFIGPROXY_AUTH_TOKEN": self.token}
-        self.proc = Proc([str(CHP), "--ip", "127.0.0.1", "--port", str(self.port),
-                          "--api-ip", "127.0.0.1", "--api-port", str(self.api_port)],
-                         log=workdir / "proxy.log", env=env)
+        self.proc = Proc(
+            [
+                str(CHP),
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--api-ip",
+                "127.0.0.1",
+                "--api-port",
+                str(self.api_port),
+            ],
+            log=workdir / "proxy.log",
+            env=env,
+        )
 
     def start(self) -> Proxy:
         self.proc.start()
@@ -146,8 +185,11 @@ class Proxy:
         self.start()
 
     def routes(self) -> dict[str, Any]:
-        response = httpx.get(f"http://127.0.0.1:{self.api_port}/api/routes",
-                             headers={"Authorization": f"token {self.token}"}, timeout=2)
+        response = httpx.get(
+            f"http://127.0.0.1:{self.api_port}/api/routes",
+            headers={"Authorization": f"token {self.token}"},
+            timeout=2,
+        )
         response.raise_for_status()
         data: dict[str, Any] = response.json()
         return data
@@ -167,11 +209,17 @@ class DeployServer:
         self.config = workdir / "deploy.toml"
         options = {"port": self.port, "host": "127.0.0.1", **deploy}
         lines = [
-            "[db]", f"uri = {db.uri!r}".replace("'", '"'),
-            "[proxy]", f"port = {proxy.port}", f"api_port = {proxy.api_port}",
-            f'public_host = "127.0.0.1:{proxy.port}"', 'ip = "127.0.0.1"',
-            "[logging]", f"port = {free_port()}",
-            "[deploy]", *(f"{k} = {_toml(v)}" for k, v in options.items()),
+            "[db]",
+            f"uri = {db.uri!r}".replace("'", '"'),
+            "[proxy]",
+            f"port = {proxy.port}",
+            f"api_port = {proxy.api_port}",
+            f'public_host = "127.0.0.1:{proxy.port}"',
+            'ip = "127.0.0.1"',
+            "[logging]",
+            f"port = {free_port()}",
+            "[deploy]",
+            *(f"{k} = {_toml(v)}" for k, v in options.items()),
         ]
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: Proc | None = None
@@ -182,14 +230,25 @@ class DeployServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, *, wait: bool = True) -> DeployServer:
-        env = {**os.environ, "BINDER_API_KEY": self.api_key,
-               "CONFIGPROXY_AUTH_TOKEN": self.proxy.token, "BINDER_HOME": str(self.home)}
-        self.proc = Proc([sys.executable, "-m", "services.deploy_kubernetes", "--config",
-                          str(self.config)], log=self.workdir / "deploy.log", env=env, cwd=ROOT)
+        env = {
+            **os.environ,
+            "BINDER_API_KEY": self.api_key,
+            "CONFIGPROXY_AUTH_TOKEN": self.proxy.token,
+            "BINDER_HOME": str(self.home),
+        }
+        self.proc = Proc(
+            [sys.executable, "-m", "services.deploy_kubernetes", "--config", str(self.config)],
+            log=self.workdir / "deploy.log",
+            env=env,
+            cwd=ROOT,
+        )
         self.proc.start()
         if wait:
-            wait_for(lambda: httpx.get(self.url + "/health", timeout=2).status_code == 200,
-                     timeout=30, what="the deploy server's /health")
+            wait_for(
+                lambda: httpx.get(self.url + "/health", timeout=2).status_code == 200,
+                timeout=30,
+                what="the deploy server's /health",
+            )
         return self
 
     def stop(self) -> None:
@@ -220,11 +279,14 @@ class DeployServer:
         return dep_id
 
     def status(self, dep_id: str, template: str = "example") -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(f"{self.url}/applications/{template}/{dep_id}", timeout=10).json()
+        data: dict[str, Any] = httpx.get(
+            f"{self.url}/applications/{template}/{dep_id}", timeout=10
+        ).json()
         return data
 
-    def wait_status(self, dep_id: str, *statuses: str, timeout: float = 30.0,
-                    template: str = "example") -> dict[str, Any]:
+    def wait_status(
+        self, dep_id: str, *statuses: str, timeout: float = 30.0, template: str = "example"
+    ) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
             data = self.status(dep_id, template)
             return data if data.get("status") in statuses else None

@@ -21,10 +21,15 @@ from services.logging.sink import AggregatorSink
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.deploy_kubernetes", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m services.deploy_kubernetes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", type=Path, help="TOML file overriding the defaults")
-    parser.add_argument("--home", type=Path, help="the suite's home (default $BINDER_HOME or ~/.binder)")
+    parser.add_argument(
+        "--home", type=Path, help="the suite's home (default $BINDER_HOME or ~/.binder)"
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config, home=args.home)
@@ -35,11 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("deploy-kubernetes", sinks=[sink])
     if not settings.api_key:
         logger.warning("BINDER_API_KEY is not set: every endpoint that needs the key answers 403")
-    logger.info("deploy server on {}:{} with the {} backend", settings.deploy.host,
-                settings.deploy.port, settings.deploy.backend)
+    logger.info(
+        "deploy server on {}:{} with the {} backend",
+        settings.deploy.host,
+        settings.deploy.port,
+        settings.deploy.backend,
+    )
     try:
-        uvicorn.run(create_app(settings), host=settings.deploy.host, port=settings.deploy.port,
-                    log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        uvicorn.run(
+            create_app(settings),
+            host=settings.deploy.host,
+            port=settings.deploy.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
     finally:
         sink.close()
     return 0

@@ -9,7 +9,7 @@ from typing import Any
 from starlette.applications import Starlette
 
 from common.errors import ConfigError
-from common.proxy import ProxyClient
+from common.proxy import Proxy, ProxyClient
 from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS
 from services.deploy_kubernetes.backends.base import Backend
@@ -25,13 +25,20 @@ def build_backend(settings: Settings) -> Backend:
     if settings.deploy.backend == "local":
         from services.deploy_kubernetes.backends.local import LocalBackend
 
-        return LocalBackend(state_dir=settings.home / "run" / "local",
-                            log_dir=settings.home / "logs" / "apps")
+        return LocalBackend(
+            state_dir=settings.home / "run" / "local", log_dir=settings.home / "logs" / "apps"
+        )
     raise ConfigError(f"backend {settings.deploy.backend!r} is not available in this build")
 
 
-def create_app(settings: Settings, *, backend: Backend | None = None, store: Store | None = None,
-               proxy: ProxyClient | None = None, keeper_interval: float = 2.0) -> Starlette:
+def create_app(
+    settings: Settings,
+    *,
+    backend: Backend | None = None,
+    store: Store | None = None,
+    proxy: Proxy | None = None,
+    keeper_interval: float = 2.0,
+) -> Starlette:
     """The deploy API; ``backend``, ``store`` and ``proxy`` default to the configured real ones."""
 
     @asynccontextmanager
@@ -39,8 +46,12 @@ def create_app(settings: Settings, *, backend: Backend | None = None, store: Sto
         deployer = Deployer(
             store=store or MongoStore(uri=settings.db.effective_uri, database=settings.db.database),
             backend=backend or build_backend(settings),
-            proxy=proxy or ProxyClient(api_url=settings.proxy.api_url, token=settings.proxy.token,
-                                       public_url=settings.proxy.public_url),
+            proxy=proxy
+            or ProxyClient(
+                api_url=settings.proxy.api_url,
+                token=settings.proxy.token,
+                public_url=settings.proxy.public_url,
+            ),
             metrics=Metrics(),
             public_host=settings.public_host,
             max_deployments=settings.deploy.max_deployments,

@@ -13,8 +13,9 @@ from services.deploy_kubernetes.errors import BinderError
 from services.deploy_kubernetes.models import Deployment, Status, now
 
 
-def cull_reason(dep: Deployment, last_activity: datetime | None, at: datetime,
-                max_age_seconds: float) -> str | None:
+def cull_reason(
+    dep: Deployment, last_activity: datetime | None, at: datetime, max_age_seconds: float
+) -> str | None:
     """Why ``dep`` should be culled at ``at``, or None. Pure, so it is tested on its own."""
     if dep.pooled or dep.status is not Status.DEPLOYED:
         return None
@@ -46,7 +47,7 @@ class Culler:
         routes = await d.proxy.routes()
         at = now()
         culled = 0
-        for dep in await d.store.list(statuses=[Status.DEPLOYED], pooled=False):
+        for dep in await d.store.find(statuses=[Status.DEPLOYED], pooled=False):
             last = routes.get(dep.route, ("", None))[1]
             if last is not None and (dep.last_activity is None or last > dep.last_activity):
                 dep = await d.store.update(dep.id, last_activity=last) or dep
@@ -76,10 +77,10 @@ class Keeper:
         d = self.deployer
         self.healthy["database"] = await _probe(d.store.ping())
         self.healthy["proxy"] = await _probe(d.proxy.ping())
-        if "ok" != self.healthy["database"]:
+        if self.healthy["database"] != "ok":
             return
         try:
-            active = await d.store.list(statuses=[Status.DEPLOYING, Status.DEPLOYED], pooled=None)
+            active = await d.store.find(statuses=[Status.DEPLOYING, Status.DEPLOYED], pooled=None)
             counts = {s.value: 0 for s in Status}
             for dep in active:
                 counts[dep.status.value] += 0 if dep.pooled else 1
@@ -95,7 +96,11 @@ class Keeper:
         d = self.deployer
         routes = await d.proxy.routes()
         for dep in active:
-            if dep.status is Status.DEPLOYED and dep.target and routes.get(dep.route, ("",))[0] != dep.target:
+            if (
+                dep.status is Status.DEPLOYED
+                and dep.target
+                and routes.get(dep.route, ("",))[0] != dep.target
+            ):
                 logger.bind(id=dep.id).info("route missing in the proxy; adding it again")
                 await d.proxy.add_route(dep.route, dep.target)
 
@@ -103,8 +108,14 @@ class Keeper:
         d = self.deployer
         limit = timedelta(seconds=d.launch_timeout + 10)
         for dep in active:
-            if dep.status is Status.DEPLOYING and not d.launching(dep.id) and now() - dep.created > limit:
-                await d.fail(dep, f"timed out after {d.launch_timeout:g} s (launch was interrupted)")
+            if (
+                dep.status is Status.DEPLOYING
+                and not d.launching(dep.id)
+                and now() - dep.created > limit
+            ):
+                await d.fail(
+                    dep, f"timed out after {d.launch_timeout:g} s (launch was interrupted)"
+                )
 
 
 async def _probe(call: object) -> str:

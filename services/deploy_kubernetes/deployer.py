@@ -10,12 +10,12 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from loguru import logger
 
-from common.proxy import ProxyClient
+from common.proxy import Proxy
 from services.deploy_kubernetes.backends.base import Backend, LaunchSpec, Observed, State
 from services.deploy_kubernetes.errors import (
     BinderError,
@@ -42,9 +42,18 @@ PROXY_CHECK_SECONDS = 10.0
 
 
 class Deployer:
-    def __init__(self, *, store: Store, backend: Backend, proxy: ProxyClient, metrics: Metrics,
-                 public_host: str, max_deployments: int, default_cull_timeout_ms: int,
-                 launch_timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        backend: Backend,
+        proxy: Proxy,
+        metrics: Metrics,
+        public_host: str,
+        max_deployments: int,
+        default_cull_timeout_ms: int,
+        launch_timeout_seconds: float,
+    ) -> None:
         self.store = store
         self.backend = backend
         self.proxy = proxy
@@ -78,7 +87,7 @@ class Deployer:
             raise NoRecordError(f"no deployment {dep_id} of template {template}")
         return dep
 
-    async def watch(self, template: str, dep_id: str) -> AsyncIterator[Deployment]:
+    async def watch(self, template: str, dep_id: str) -> AsyncGenerator[Deployment, None]:
         """The deployment now, then each change, until a final status."""
         dep = await self.get(template, dep_id)
         queue: asyncio.Queue[Deployment] = asyncio.Queue()
@@ -147,17 +156,26 @@ class Deployer:
         self.metrics.launches.labels(template=template.name).inc()
         started = time.monotonic()
         if template.pool_size:
-            claimed = await self.store.claim_pooled(template.name, created=now(), cull_timeout_ms=cull)
+            claimed = await self.store.claim_pooled(
+                template.name, created=now(), cull_timeout_ms=cull
+            )
             if claimed is not None:
                 self._remember(claimed)
                 self.pool_wakeup.set()
-                self.metrics.launch_latency.labels(pooled="true").observe(time.monotonic() - started)
+                self.metrics.launch_latency.labels(pooled="true").observe(
+                    time.monotonic() - started
+                )
                 logger.bind(id=claimed.id, template=template.name).info("launched from the pool")
                 return claimed
         async with self._capacity_lock:
             await self._check_capacity(template)
-            dep = Deployment(id=new_id(), template=template.name, status=Status.DEPLOYING,
-                             created=now(), cull_timeout_ms=cull)
+            dep = Deployment(
+                id=new_id(),
+                template=template.name,
+                status=Status.DEPLOYING,
+                created=now(),
+                cull_timeout_ms=cull,
+            )
             await self.store.insert(dep)
         self._remember(dep)
         self.start_launch(dep, template)
@@ -183,13 +201,21 @@ class Deployer:
         async with self._capacity_lock:
             if await self.store.count_active() >= self.max_deployments:
                 return
-            dep = Deployment(id=new_id(), template=template.name, status=Status.DEPLOYING,
-                             created=now(), cull_timeout_ms=self.default_cull_timeout_ms, pooled=True)
+            dep = Deployment(
+                id=new_id(),
+                template=template.name,
+                status=Status.DEPLOYING,
+                created=now(),
+                cull_timeout_ms=self.default_cull_timeout_ms,
+                pooled=True,
+            )
             await self.store.insert(dep)
         self._remember(dep)
         self.start_launch(dep, template)
 
-    def start_launch(self, dep: Deployment, template: Template, observed: Observed | None = None) -> None:
+    def start_launch(
+        self, dep: Deployment, template: Template, observed: Observed | None = None
+    ) -> None:
         task = asyncio.get_running_loop().create_task(self._run_launch(dep, template, observed))
         self._tasks[dep.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(dep.id, None))
@@ -197,7 +223,9 @@ class Deployer:
     def launching(self, dep_id: str) -> bool:
         return dep_id in self._tasks
 
-    async def _run_launch(self, dep: Deployment, template: Template, observed: Observed | None) -> None:
+    async def _run_launch(
+        self, dep: Deployment, template: Template, observed: Observed | None
+    ) -> None:
         log = logger.bind(id=dep.id, template=template.name)
         spec = LaunchSpec(dep.id, template)
         deadline = time.monotonic() + max(
@@ -206,14 +234,26 @@ class Deployer:
         try:
             if observed is None:
                 observed = await self.backend.launch(spec)
-                dep = await self.store.update(dep.id, target=observed.target, backend_ref=observed.ref) or dep
+                dep = (
+                    await self.store.update(
+                        dep.id, target=observed.target, backend_ref=observed.ref
+                    )
+                    or dep
+                )
             observed = await self.backend.wait_ready(spec, observed, deadline=deadline)
             assert observed.target is not None
             await self.proxy.add_route(dep.route, observed.target)
             await self._await_route(dep, deadline)
             location = f"{self.public_host}/user/{dep.id}"
-            moved = await self.move(dep, Status.DEPLOYED, location=location, url=f"http://{location}/",
-                                    target=observed.target, backend_ref=observed.ref, deployed_at=now())
+            moved = await self.move(
+                dep,
+                Status.DEPLOYED,
+                location=location,
+                url=f"http://{location}/",
+                target=observed.target,
+                backend_ref=observed.ref,
+                deployed_at=now(),
+            )
             if moved is None:  # deleted while launching
                 await self._teardown(dep)
                 return
@@ -251,7 +291,9 @@ class Deployer:
         try:
             await self.end(dep, Status.FAILED, reason)
         except BinderError as exc:
-            logger.bind(id=dep.id).warning("could not record the failure ({}): {}", reason, exc.message)
+            logger.bind(id=dep.id).warning(
+                "could not record the failure ({}): {}", reason, exc.message
+            )
             await self._teardown(dep)
 
     async def end(self, dep: Deployment, to: Status, reason: str) -> Deployment:
@@ -279,7 +321,9 @@ class Deployer:
 
     # --- delete, exits --------------------------------------------------------------------------
 
-    async def delete(self, template: str, dep_id: str, *, reason: str = "deleted by request") -> Deployment:
+    async def delete(
+        self, template: str, dep_id: str, *, reason: str = "deleted by request"
+    ) -> Deployment:
         dep = await self.get(template, dep_id)
         if dep.status.final:
             return dep

@@ -14,23 +14,26 @@ class Metrics:
             "binder_launches", "Launch requests accepted", ["template"], registry=self.registry
         )
         self.launch_latency = Histogram(
-            "binder_launch_latency_seconds", "Time from launch request to deployed",
-            ["pooled"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "binder_launch_latency_seconds",
+            "Time from launch request to deployed",
+            ["pooled"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.transitions = Counter(
             "binder_transitions", "Deployment status changes", ["status"], registry=self.registry
         )
         self.deployments = Gauge(
-            "binder_deployments", "Deployments by status (pooled ones apart)", ["status"],
+            "binder_deployments",
+            "Deployments by status (pooled ones apart)",
+            ["status"],
             registry=self.registry,
         )
         self.pooled = Gauge(
-            "binder_pool_ready", "Pooled instances ready, by template", ["template"],
+            "binder_pool_ready",
+            "Pooled instances ready, by template",
+            ["template"],
             registry=self.registry,
         )
-        self.culls = Counter(
-            "binder_culls", "Deployments culled", ["why"], registry=self.registry
-        )
-        self.errors = Counter(
-            "binder_errors", "Errors by type", ["type"], registry=self.registry
-        )
+        self.culls = Counter("binder_culls", "Deployments culled", ["why"], registry=self.registry)
+        self.errors = Counter("binder_errors", "Errors by type", ["type"], registry=self.registry)

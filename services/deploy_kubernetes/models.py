@@ -14,7 +14,9 @@ from services.deploy_kubernetes.errors import MalformedRequestError
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-QUANTITY_RE = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?$")
+QUANTITY_RE = re.compile(
+    r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?$"
+)
 MAX_CULL_TIMEOUT_MS = 30 * 24 * 3600 * 1000
 
 
@@ -113,7 +115,7 @@ class Deployment:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Deployment:
-        fields = {k: doc.get(k) for k in cls.__dataclass_fields__ if k in doc}
+        fields: dict[str, Any] = {k: doc[k] for k in cls.__dataclass_fields__ if k in doc}
         fields["status"] = Status(doc["status"])
         for key in ("created", "deployed_at", "last_activity", "ended_at"):
             if fields.get(key) is not None and fields[key].tzinfo is None:
@@ -200,8 +202,18 @@ def _int_field(data: dict[str, Any], key: str, *, low: int, high: int) -> int | 
 
 def parse_template(data: dict[str, Any], *, name: str | None = None) -> Template:
     """Validate a template as given in TOML or JSON (hyphenated keys, as in Binder)."""
-    known = {"name", "image-name", "image-source", "command", "port", "env", "limits",
-             "cull-timeout", "pool-size", "max-deployments"}
+    known = {
+        "name",
+        "image-name",
+        "image-source",
+        "command",
+        "port",
+        "env",
+        "limits",
+        "cull-timeout",
+        "pool-size",
+        "max-deployments",
+    }
     unknown = sorted(set(data) - known)
     if unknown:
         raise MalformedRequestError(f"{unknown[0]}: unknown template field")
@@ -209,8 +221,10 @@ def parse_template(data: dict[str, Any], *, name: str | None = None) -> Template
     if name and data.get("name") not in (None, name):
         raise MalformedRequestError("name: differs from the name in the path")
     command = data.get("command")
-    if not isinstance(command, list) or not command or not all(
-        isinstance(c, str) and "\x00" not in c for c in command
+    if (
+        not isinstance(command, list)
+        or not command
+        or not all(isinstance(c, str) and "\x00" not in c for c in command)
     ):
         raise MalformedRequestError("command: must be a non-empty list of strings without NUL")
     for key in ("image-name", "image-source"):
@@ -244,8 +258,20 @@ def parse_template(data: dict[str, Any], *, name: str | None = None) -> Template
 
 def memory_bytes(quantity: str) -> int:
     """A Kubernetes memory quantity in bytes (``512Mi`` -> 536870912)."""
-    factors = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-               "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+    factors = {
+        "k": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+        "P": 10**15,
+        "E": 10**18,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "Pi": 2**50,
+        "Ei": 2**60,
+    }
     match = QUANTITY_RE.match(quantity)
     if not match:
         raise MalformedRequestError(f"limits.memory: {quantity!r} is not a Kubernetes quantity")

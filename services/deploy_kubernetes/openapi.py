@@ -7,8 +7,12 @@ from typing import Any
 NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"}
 ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 STATUS = {"type": "string", "enum": ["deploying", "deployed", "failed", "deleted"]}
-CULL = {"type": "integer", "minimum": 1000, "maximum": 2592000000,
-        "description": "Inactivity in milliseconds after which the app is culled"}
+CULL = {
+    "type": "integer",
+    "minimum": 1000,
+    "maximum": 2592000000,
+    "description": "Inactivity in milliseconds after which the app is culled",
+}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -20,9 +24,14 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {403: "Missing or wrong API key", 404: "Unknown template or id",
-            413: "Body too large", 422: "Malformed request (the error names the field)",
-            429: "Capacity reached; see Retry-After", 503: "Database, proxy or backend unreachable"}
+    text = {
+        403: "Missing or wrong API key",
+        404: "Unknown template or id",
+        413: "Body too large",
+        422: "Malformed request (the error names the field)",
+        429: "Capacity reached; see Retry-After",
+        503: "Database, proxy or backend unreachable",
+    }
     out = {str(c): _json(_ref("Error"), text[c]) for c in codes}
     if 429 in codes:
         out["429"]["headers"] = {"Retry-After": {"schema": {"type": "string"}}}
@@ -33,15 +42,24 @@ def _param(name: str, schema: dict[str, Any], where: str = "path") -> dict[str, 
     return {"name": name, "in": where, "required": where == "path", "schema": schema}
 
 
-def _op(summary: str, ok: dict[str, Any], *, errors: tuple[int, ...] = (), auth: bool = False,
-        params: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
-        body_required: bool = False) -> dict[str, Any]:
+def _op(
+    summary: str,
+    ok: dict[str, Any],
+    *,
+    errors: tuple[int, ...] = (),
+    auth: bool = False,
+    params: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    body_required: bool = False,
+) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "responses": {"200": ok, **_errors(*errors)}}
     if params:
         op["parameters"] = params
     if body is not None:
-        op["requestBody"] = {"required": body_required,
-                             "content": {"application/json": {"schema": body}}}
+        op["requestBody"] = {
+            "required": body_required,
+            "content": {"application/json": {"schema": body}},
+        }
     if auth:
         op["security"] = [{"apiKey": []}]
     return op
@@ -53,126 +71,269 @@ DEP = _param("id", ID)
 
 def openapi_document() -> dict[str, Any]:
     deployment = _json(_ref("Deployment"), "The deployment")
-    launched = _json({"type": "object", "required": ["id"], "properties": {"id": ID}},
-                     "Accepted; the launch goes on in the background")
+    launched = _json(
+        {"type": "object", "required": ["id"], "properties": {"id": ID}},
+        "Accepted; the launch goes on in the background",
+    )
     launch_errors = (404, 413, 422, 429, 503)
     template = _json(_ref("Template"), "The template")
     pool = _json(_ref("Pool"), "The template's pool")
-    preload = _json({"type": "object", "properties": {
-        "template-name": NAME, "status": {"type": "string", "enum": ["loading", "completed"]}}},
-        "Preload state")
+    preload = _json(
+        {
+            "type": "object",
+            "properties": {
+                "template-name": NAME,
+                "status": {"type": "string", "enum": ["loading", "completed"]},
+            },
+        },
+        "Preload state",
+    )
     return {
         "openapi": "3.0.3",
-        "info": {"title": "Binder deploy API", "version": "1.0.0",
-                 "description": "Launch templates, poll their status and location, stop them."},
+        "info": {
+            "title": "Binder deploy API",
+            "version": "1.0.0",
+            "description": "Launch templates, poll their status and location, stop them.",
+        },
         "paths": {
             "/applications/": {
-                "post": _op("Launch a template named in the body", launched, errors=launch_errors,
-                            body=_ref("LaunchByName"), body_required=True),
-                "get": _op("All deployments", _json({"type": "array", "items": _ref("Deployment")},
-                           "Deployments"), errors=(403, 422, 503), auth=True,
-                           params=[_param("status", STATUS, "query")]),
+                "post": _op(
+                    "Launch a template named in the body",
+                    launched,
+                    errors=launch_errors,
+                    body=_ref("LaunchByName"),
+                    body_required=True,
+                ),
+                "get": _op(
+                    "All deployments",
+                    _json({"type": "array", "items": _ref("Deployment")}, "Deployments"),
+                    errors=(403, 422, 503),
+                    auth=True,
+                    params=[_param("status", STATUS, "query")],
+                ),
             },
             "/applications/{template}": {
-                "post": _op("Launch a template", launched, errors=launch_errors, params=[TPL],
-                            body=_ref("Launch")),
-                "get": _op("Deployments of a template", _json(
-                    {"type": "array", "items": _ref("Deployment")}, "Deployments"),
-                    errors=(403, 404, 422, 503), auth=True,
-                    params=[TPL, _param("status", STATUS, "query")]),
+                "post": _op(
+                    "Launch a template",
+                    launched,
+                    errors=launch_errors,
+                    params=[TPL],
+                    body=_ref("Launch"),
+                ),
+                "get": _op(
+                    "Deployments of a template",
+                    _json({"type": "array", "items": _ref("Deployment")}, "Deployments"),
+                    errors=(403, 404, 422, 503),
+                    auth=True,
+                    params=[TPL, _param("status", STATUS, "query")],
+                ),
             },
             "/applications/{template}/{id}": {
                 "get": _op("One deployment", deployment, errors=(404, 422, 503), params=[TPL, DEP]),
-                "delete": _op("Stop a deployment", deployment, errors=(403, 404, 422, 503),
-                              auth=True, params=[TPL, DEP]),
+                "delete": _op(
+                    "Stop a deployment",
+                    deployment,
+                    errors=(403, 404, 422, 503),
+                    auth=True,
+                    params=[TPL, DEP],
+                ),
             },
             "/applications/{template}/{id}/events": {
-                "get": {"summary": "Server-sent events of each status change until a final one",
-                        "parameters": [TPL, DEP],
-                        "responses": {"200": {"description": "Event stream", "content": {
-                            "text/event-stream": {"schema": {"type": "string"}}}},
-                            **_errors(404, 422, 503)}},
+                "get": {
+                    "summary": "Server-sent events of each status change until a final one",
+                    "parameters": [TPL, DEP],
+                    "responses": {
+                        "200": {
+                            "description": "Event stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(404, 422, 503),
+                    },
+                },
             },
             "/preload/{template}": {
-                "post": _op("Pre-pull the template's image everywhere", preload,
-                            errors=(403, 404, 422, 503), auth=True, params=[TPL]),
-                "get": _op("Preload state", preload, errors=(403, 404, 422, 503), auth=True,
-                           params=[TPL]),
+                "post": _op(
+                    "Pre-pull the template's image everywhere",
+                    preload,
+                    errors=(403, 404, 422, 503),
+                    auth=True,
+                    params=[TPL],
+                ),
+                "get": _op(
+                    "Preload state", preload, errors=(403, 404, 422, 503), auth=True, params=[TPL]
+                ),
             },
-            "/templates": {"get": _op("Registered templates", _json(
-                {"type": "array", "items": _ref("Template")}, "Templates"))},
+            "/templates": {
+                "get": _op(
+                    "Registered templates",
+                    _json({"type": "array", "items": _ref("Template")}, "Templates"),
+                )
+            },
             "/templates/{name}": {
-                "get": _op("One template", template, errors=(404, 422), params=[_param("name", NAME)]),
-                "put": _op("Register a template", template, errors=(403, 413, 422, 503), auth=True,
-                           params=[_param("name", NAME)], body=_ref("TemplateIn"), body_required=True),
-                "delete": _op("Remove a template", _json({"type": "object"}, "Removed"),
-                              errors=(403, 404, 422, 503), auth=True, params=[_param("name", NAME)]),
+                "get": _op(
+                    "One template", template, errors=(404, 422), params=[_param("name", NAME)]
+                ),
+                "put": _op(
+                    "Register a template",
+                    template,
+                    errors=(403, 413, 422, 503),
+                    auth=True,
+                    params=[_param("name", NAME)],
+                    body=_ref("TemplateIn"),
+                    body_required=True,
+                ),
+                "delete": _op(
+                    "Remove a template",
+                    _json({"type": "object"}, "Removed"),
+                    errors=(403, 404, 422, 503),
+                    auth=True,
+                    params=[_param("name", NAME)],
+                ),
             },
             "/pools/{template}": {
-                "get": _op("Pool state", pool, errors=(403, 404, 422, 503), auth=True, params=[TPL]),
-                "put": _op("Resize the pool", pool, errors=(403, 404, 413, 422, 503), auth=True,
-                           params=[TPL], body={"type": "object", "required": ["size"],
-                                               "properties": {"size": {"type": "integer",
-                                                                       "minimum": 0, "maximum": 1000}},
-                                               "additionalProperties": False}, body_required=True),
+                "get": _op(
+                    "Pool state", pool, errors=(403, 404, 422, 503), auth=True, params=[TPL]
+                ),
+                "put": _op(
+                    "Resize the pool",
+                    pool,
+                    errors=(403, 404, 413, 422, 503),
+                    auth=True,
+                    params=[TPL],
+                    body={
+                        "type": "object",
+                        "required": ["size"],
+                        "properties": {"size": {"type": "integer", "minimum": 0, "maximum": 1000}},
+                        "additionalProperties": False,
+                    },
+                    body_required=True,
+                ),
             },
-            "/health": {"get": {"summary": "Readiness", "responses": {
-                "200": _json(_ref("Health"), "Ready"), "503": _json(_ref("Health"), "Not ready")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
-                "description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/health": {
+                "get": {
+                    "summary": "Readiness",
+                    "responses": {
+                        "200": _json(_ref("Health"), "Ready"),
+                        "503": _json(_ref("Health"), "Not ready"),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/openapi.json": {"get": _op("This document", _json({"type": "object"}, "OpenAPI"))},
         },
         "components": {
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "Authorization",
-                                           "description": "The raw key, or 'Bearer K', or 'token K'"}},
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "The raw key, or 'Bearer K', or 'token K'",
+                }
+            },
             "schemas": SCHEMAS,
         },
     }
 
 
 SCHEMAS: dict[str, Any] = {
-    "Error": {"type": "object", "required": ["type", "error"],
-              "properties": {"type": {"type": "string"}, "error": {"type": "string"}}},
-    "Launch": {"type": "object", "properties": {"cull-timeout": CULL}, "additionalProperties": False},
-    "LaunchByName": {"type": "object", "required": ["template-name"], "additionalProperties": False,
-                     "properties": {"template-name": NAME, "cull-timeout": CULL}},
+    "Error": {
+        "type": "object",
+        "required": ["type", "error"],
+        "properties": {"type": {"type": "string"}, "error": {"type": "string"}},
+    },
+    "Launch": {
+        "type": "object",
+        "properties": {"cull-timeout": CULL},
+        "additionalProperties": False,
+    },
+    "LaunchByName": {
+        "type": "object",
+        "required": ["template-name"],
+        "additionalProperties": False,
+        "properties": {"template-name": NAME, "cull-timeout": CULL},
+    },
     "Deployment": {
-        "type": "object", "required": ["id", "template-name", "status", "created"],
+        "type": "object",
+        "required": ["id", "template-name", "status", "created"],
         "properties": {
-            "id": ID, "template-name": NAME, "status": STATUS,
+            "id": ID,
+            "template-name": NAME,
+            "status": STATUS,
             "location": {"type": "string", "description": "<public host>/user/<id>, no scheme"},
-            "url": {"type": "string"}, "reason": {"type": "string"},
+            "url": {"type": "string"},
+            "reason": {"type": "string"},
             "created": {"type": "string", "format": "date-time"},
             "last-activity": {"type": "string", "format": "date-time"},
         },
     },
     "TemplateIn": {
-        "type": "object", "required": ["command"], "additionalProperties": False,
+        "type": "object",
+        "required": ["command"],
+        "additionalProperties": False,
         "properties": {
-            "name": NAME, "image-name": {"type": "string"}, "image-source": {"type": "string"},
+            "name": NAME,
+            "image-name": {"type": "string"},
+            "image-source": {"type": "string"},
             "command": {"type": "array", "minItems": 1, "items": {"type": "string"}},
             "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-            "env": {"type": "object", "additionalProperties": {"type": "string"},
-                    "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"}},
-            "limits": {"type": "object", "additionalProperties": False, "properties": {
-                "memory": {"type": "string"}, "cpu": {"type": "string"}}},
+            "env": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
+            },
+            "limits": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"memory": {"type": "string"}, "cpu": {"type": "string"}},
+            },
             "cull-timeout": CULL,
             "pool-size": {"type": "integer", "minimum": 0, "maximum": 1000},
             "max-deployments": {"type": "integer", "minimum": 1, "maximum": 100000},
         },
     },
-    "Template": {"type": "object", "required": ["name", "command", "port"],
-                 "properties": {"name": NAME, "command": {"type": "array", "items": {"type": "string"}},
-                                "port": {"type": "integer"}, "image-name": {"type": "string"},
-                                "image-source": {"type": "string"}, "env": {"type": "object"},
-                                "limits": {"type": "object"}, "cull-timeout": {"type": "integer"},
-                                "pool-size": {"type": "integer"},
-                                "max-deployments": {"type": "integer"}}},
-    "Pool": {"type": "object", "properties": {"template-name": NAME, "size": {"type": "integer"},
-                                              "ready": {"type": "integer"},
-                                              "starting": {"type": "integer"}}},
-    "Health": {"type": "object", "required": ["status"],
-               "properties": {"status": {"type": "string", "enum": ["ok", "unavailable"]},
-                              "database": {"type": "string"}, "proxy": {"type": "string"},
-                              "reconciled": {"type": "string"}}},
+    "Template": {
+        "type": "object",
+        "required": ["name", "command", "port"],
+        "properties": {
+            "name": NAME,
+            "command": {"type": "array", "items": {"type": "string"}},
+            "port": {"type": "integer"},
+            "image-name": {"type": "string"},
+            "image-source": {"type": "string"},
+            "env": {"type": "object"},
+            "limits": {"type": "object"},
+            "cull-timeout": {"type": "integer"},
+            "pool-size": {"type": "integer"},
+            "max-deployments": {"type": "integer"},
+        },
+    },
+    "Pool": {
+        "type": "object",
+        "properties": {
+            "template-name": NAME,
+            "size": {"type": "integer"},
+            "ready": {"type": "integer"},
+            "starting": {"type": "integer"},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "database": {"type": "string"},
+            "proxy": {"type": "string"},
+            "reconciled": {"type": "string"},
+        },
+    },
 }

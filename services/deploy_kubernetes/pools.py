@@ -18,11 +18,16 @@ class Pools:
     async def state(self, template_name: str) -> dict[str, object]:
         d = self.deployer
         template = d.template(template_name)
-        pooled = await d.store.list(template=template.name, pooled=True,
-                                    statuses=[Status.DEPLOYING, Status.DEPLOYED])
+        pooled = await d.store.find(
+            template=template.name, pooled=True, statuses=[Status.DEPLOYING, Status.DEPLOYED]
+        )
         ready = sum(1 for p in pooled if p.status is Status.DEPLOYED)
-        return {"template-name": template.name, "size": template.pool_size, "ready": ready,
-                "starting": len(pooled) - ready}
+        return {
+            "template-name": template.name,
+            "size": template.pool_size,
+            "ready": ready,
+            "starting": len(pooled) - ready,
+        }
 
     async def resize(self, template_name: str, size: int) -> dict[str, object]:
         d = self.deployer
@@ -44,7 +49,7 @@ class Pools:
 
     async def refill_once(self) -> None:
         d = self.deployer
-        pooled = await d.store.list(pooled=True, statuses=[Status.DEPLOYING, Status.DEPLOYED])
+        pooled = await d.store.find(pooled=True, statuses=[Status.DEPLOYING, Status.DEPLOYED])
         by_template: dict[str, list[str]] = {}
         for dep in pooled:
             by_template.setdefault(dep.template, []).append(dep.id)
@@ -54,7 +59,7 @@ class Pools:
             d.metrics.pooled.labels(template=name).set(ready)
             for _ in range(template.pool_size - len(have)):
                 await d.launch_pooled(template)
-            for dep_id in have[template.pool_size:]:  # the pool shrank
+            for dep_id in have[template.pool_size :]:  # the pool shrank
                 await self._retire(dep_id)
         for ids in by_template.values():  # templates that were removed
             for dep_id in ids:

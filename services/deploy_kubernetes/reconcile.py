@@ -19,7 +19,7 @@ async def reconcile(deployer: Deployer) -> dict[str, int]:
     d = deployer
     objects = {obs.id: obs for obs in await d.backend.list()}
     routes = await d.proxy.routes()
-    live = await d.store.list(statuses=[Status.DEPLOYING, Status.DEPLOYED], pooled=None)
+    live = await d.store.find(statuses=[Status.DEPLOYING, Status.DEPLOYED], pooled=None)
     counts = {"resumed": 0, "restored": 0, "failed": 0, "orphans": 0, "stale_routes": 0}
     for dep in live:
         d._remember(dep)

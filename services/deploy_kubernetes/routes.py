@@ -53,12 +53,16 @@ async def launch(request: Request) -> Response:
             raise MalformedRequestError("template-name: required, a string")
     check_name(template)
     cull = body.get("cull-timeout")
-    dep = await service.deployer.launch(template, None if cull is None else parse_cull_timeout(cull))
+    dep = await service.deployer.launch(
+        template, None if cull is None else parse_cull_timeout(cull)
+    )
     return JSONResponse({"id": dep.id})
 
 
 async def status(request: Request) -> Response:
-    dep = await _service(request).deployer.get(request.path_params["template"], request.path_params["id"])
+    dep = await _service(request).deployer.get(
+        request.path_params["template"], request.path_params["id"]
+    )
     return JSONResponse(dep.to_api())
 
 
@@ -75,7 +79,7 @@ async def list_deployments(request: Request) -> Response:
         except ValueError as exc:
             choices = ", ".join(s.value for s in Status)
             raise MalformedRequestError(f"status: must be one of {choices}") from exc
-    deps = await service.deployer.store.list(template=template, statuses=statuses)
+    deps = await service.deployer.store.find(template=template, statuses=statuses)
     return JSONResponse([d.to_api() for d in deps])
 
 
@@ -124,7 +128,9 @@ async def preload(request: Request) -> Response:
     template = service.deployer.template(request.path_params["template"])
     if request.method == "POST":
         await service.start_preload(template)
-    return JSONResponse({"template-name": template.name, "status": await service.preload_status(template)})
+    return JSONResponse(
+        {"template-name": template.name, "status": await service.preload_status(template)}
+    )
 
 
 async def list_templates(request: Request) -> Response:
@@ -165,7 +171,9 @@ async def pools(request: Request) -> Response:
 async def health(request: Request) -> Response:
     checks = _service(request).health()
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503
+    )
 
 
 async def metrics(request: Request) -> Response:

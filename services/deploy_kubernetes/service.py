@@ -35,9 +35,17 @@ def read_template_files(folder: Path) -> list[Template]:
 
 
 class Service:
-    def __init__(self, *, deployer: Deployer, api_key: str, launch_requires_key: bool,
-                 templates_dir: Path, cull_interval: float, max_age_seconds: float,
-                 keeper_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        deployer: Deployer,
+        api_key: str,
+        launch_requires_key: bool,
+        templates_dir: Path,
+        cull_interval: float,
+        max_age_seconds: float,
+        keeper_interval: float = 2.0,
+    ) -> None:
         self.deployer = deployer
         self.api_key = api_key
         self.launch_requires_key = launch_requires_key

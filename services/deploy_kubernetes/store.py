@@ -4,7 +4,7 @@ of the deploy server). Every database failure becomes ``BadDatabaseError``."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
@@ -29,9 +29,13 @@ class Store(Protocol):
         self, dep_id: str, sources: Iterable[Status], to: Status, **fields: Any
     ) -> Deployment | None: ...
     async def update(self, dep_id: str, **fields: Any) -> Deployment | None: ...
-    async def list(
-        self, *, template: str | None = None, statuses: Iterable[Status] | None = None,
-        pooled: bool | None = False, limit: int = 0,
+    async def find(
+        self,
+        *,
+        template: str | None = None,
+        statuses: Iterable[Status] | None = None,
+        pooled: bool | None = False,
+        limit: int = 0,
     ) -> list[Deployment]: ...
     async def count_active(self, *, template: str | None = None) -> int: ...
     async def claim_pooled(self, template: str, **fields: Any) -> Deployment | None: ...
@@ -41,7 +45,7 @@ class Store(Protocol):
     async def delete_template(self, name: str) -> bool: ...
 
 
-def _translated(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _translated(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(func)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -106,15 +110,21 @@ class MongoStore:
     @_translated
     async def update(self, dep_id: str, **fields: Any) -> Deployment | None:
         doc = await self._deps.find_one_and_update(
-            {"id": dep_id}, {"$set": fields}, projection={"_id": 0},
+            {"id": dep_id},
+            {"$set": fields},
+            projection={"_id": 0},
             return_document=ReturnDocument.AFTER,
         )
         return Deployment.from_doc(doc) if doc else None
 
     @_translated
-    async def list(
-        self, *, template: str | None = None, statuses: Iterable[Status] | None = None,
-        pooled: bool | None = False, limit: int = 0,
+    async def find(
+        self,
+        *,
+        template: str | None = None,
+        statuses: Iterable[Status] | None = None,
+        pooled: bool | None = False,
+        limit: int = 0,
     ) -> list[Deployment]:
         query: dict[str, Any] = {}
         if template is not None:
@@ -163,4 +173,3 @@ class MongoStore:
     async def delete_template(self, name: str) -> bool:
         result = await self._templates.delete_one({"name": name})
         return result.deleted_count > 0
-

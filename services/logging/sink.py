@@ -26,8 +26,9 @@ RETRY_MAX_SECONDS = 5.0
 
 
 class AggregatorSink:
-    def __init__(self, url: str, *, capacity: int = 50_000,
-                 registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, url: str, *, capacity: int = 50_000, registry: CollectorRegistry | None = None
+    ) -> None:
         self._url = url.rstrip("/") + "/logs"
         self._buffer: deque[dict[str, Any]] = deque()
         self._capacity = capacity
@@ -36,10 +37,15 @@ class AggregatorSink:
         self._closed = threading.Event()
         self.dropped = 0
         self.sent = 0
-        self._dropped_metric = Counter(
-            "binder_log_records_dropped", "Log records dropped because the buffer was full",
-            registry=registry,
-        ) if registry is not None else None
+        self._dropped_metric = (
+            Counter(
+                "binder_log_records_dropped",
+                "Log records dropped because the buffer was full",
+                registry=registry,
+            )
+            if registry is not None
+            else None
+        )
         self._thread = threading.Thread(target=self._run, name="log-sink", daemon=True)
         self._thread.start()
 
@@ -92,8 +98,11 @@ class AggregatorSink:
 
     def _post(self, client: httpx.Client, batch: list[dict[str, Any]]) -> bool:
         try:
-            response = client.post(self._url, content=json.dumps(batch, default=str),
-                                   headers={"Content-Type": "application/json"})
+            response = client.post(
+                self._url,
+                content=json.dumps(batch, default=str),
+                headers={"Content-Type": "application/json"},
+            )
         except httpx.HTTPError:
             return False
         # 4xx: the aggregator refused some records for good; retrying would not help

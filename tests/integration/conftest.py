@@ -3,6 +3,9 @@ deploy server per test."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,9 @@ def proxy(tmp_path: Path) -> Iterator[Proxy]:
 
 
 @pytest.fixture
-def deploy_factory(tmp_path: Path, database: Database, proxy: Proxy) -> Iterator[Callable[..., DeployServer]]:
+def deploy_factory(
+    tmp_path: Path, database: Database, proxy: Proxy
+) -> Iterator[Callable[..., DeployServer]]:
     servers: list[DeployServer] = []
     counter = iter(range(1000))
 
@@ -35,8 +40,11 @@ def deploy_factory(tmp_path: Path, database: Database, proxy: Proxy) -> Iterator
         workdir.mkdir()
         server = DeployServer(workdir, db or database, proxy, **deploy)
         # each test its own database name, so records never leak between tests
-        server.config.write_text(server.config.read_text().replace(
-            "[proxy]", f'database = "t{abs(hash(str(tmp_path))) % 10**12}"\n[proxy]', 1))
+        server.config.write_text(
+            server.config.read_text().replace(
+                "[proxy]", f'database = "t{abs(hash(str(tmp_path))) % 10**12}"\n[proxy]', 1
+            )
+        )
         servers.append(server)
         return server
 
@@ -44,13 +52,8 @@ def deploy_factory(tmp_path: Path, database: Database, proxy: Proxy) -> Iterator
     for server in servers:
         server.stop()
         for pid in server.app_pids().values():
-            import os
-            import signal
-
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture

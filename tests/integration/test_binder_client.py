@@ -35,8 +35,14 @@ const call = (fn, extra) => new Promise((ok, fail) =>
 
 
 def _node(script: str, *args: str, cwd: Path) -> str:
-    result = subprocess.run(["node", "-e", script, *args], capture_output=True, text=True,
-                            timeout=60, cwd=cwd, env={"NODE_PATH": str(NODE_MODULES), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        ["node", "-e", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={"NODE_PATH": str(NODE_MODULES), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -53,16 +59,32 @@ def test_js_api_deploys_polls_and_lists(deploy: DeployServer, proxy: Proxy, tmp_
 
 def test_cli_deploy_and_status(deploy: DeployServer, tmp_path: Path) -> None:
     common = ["-h", "127.0.0.1", "-p", str(deploy.port), "-a", deploy.api_key]
-    launched = subprocess.run([str(BINDER), "deploy", "deploy", "example", "600000", *common],
-                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    launched = subprocess.run(
+        [str(BINDER), "deploy", "deploy", "example", "600000", *common],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert launched.returncode == 0, launched.stderr
     match = re.search(r"[0-9a-f]{32}", launched.stdout)
     assert match, launched.stdout
     deploy.wait_status(match.group(0), "deployed")
-    status = subprocess.run([str(BINDER), "deploy", "status", "example", match.group(0), *common],
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    status = subprocess.run(
+        [str(BINDER), "deploy", "status", "example", match.group(0), *common],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert status.returncode == 0, status.stderr
     assert "deployed" in status.stdout
-    preload = subprocess.run([str(BINDER), "deploy", "preload", "example", *common],
-                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert preload.returncode == 0 and "completed" in preload.stdout, preload.stdout + preload.stderr
+    preload = subprocess.run(
+        [str(BINDER), "deploy", "preload", "example", *common],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert preload.returncode == 0, preload.stderr
+    assert "completed" in preload.stdout

@@ -17,8 +17,9 @@ def _error(response: httpx.Response, status: int, type_: str) -> str:
     assert response.status_code == status, response.text
     body = response.json()
     assert body["type"] == type_, body
-    assert isinstance(body["error"], str) and body["error"]
-    message: str = body["error"]
+    message = body["error"]
+    assert isinstance(message, str)
+    assert message
     return message
 
 
@@ -52,36 +53,49 @@ def test_unknown_template_and_unknown_id(deploy: DeployServer) -> None:
 def test_malformed_launch_requests_name_the_field(
     deploy: DeployServer, path: str, body: bytes, field: str
 ) -> None:
-    response = httpx.post(deploy.url + path, content=body, headers={"Content-Type": "application/json"})
+    response = httpx.post(
+        deploy.url + path, content=body, headers={"Content-Type": "application/json"}
+    )
     assert field in _error(response, 422, "malformedRequest")
 
 
 def test_malformed_path_parameters(deploy: DeployServer) -> None:
     c = deploy.client()
     assert "id" in _error(c.get("/applications/example/NOT-AN-ID"), 422, "malformedRequest")
-    assert "template-name" in _error(c.get(f"/applications/{'x' * 80}/{MISSING}"), 422, "malformedRequest")
+    assert "template-name" in _error(
+        c.get(f"/applications/{'x' * 80}/{MISSING}"), 422, "malformedRequest"
+    )
 
 
 def test_binder_cli_numeric_string_cull_timeout_is_accepted(deploy: DeployServer) -> None:
-    response = httpx.post(f"{deploy.url}/applications/", json={"template-name": "example",
-                                                                "cull-timeout": "60000"})
+    response = httpx.post(
+        f"{deploy.url}/applications/", json={"template-name": "example", "cull-timeout": "60000"}
+    )
     assert response.status_code == 200
 
 
 def test_endpoints_that_need_the_key_refuse_without_it(deploy: DeployServer) -> None:
     c = deploy.client()
-    for method, path in [("GET", "/applications/"), ("GET", "/applications/example"),
-                         ("DELETE", f"/applications/example/{MISSING}"), ("POST", "/preload/example"),
-                         ("GET", "/preload/example"), ("PUT", "/templates/x"),
-                         ("DELETE", "/templates/example"), ("GET", "/pools/example"),
-                         ("PUT", "/pools/example")]:
+    for method, path in [
+        ("GET", "/applications/"),
+        ("GET", "/applications/example"),
+        ("DELETE", f"/applications/example/{MISSING}"),
+        ("POST", "/preload/example"),
+        ("GET", "/preload/example"),
+        ("PUT", "/templates/x"),
+        ("DELETE", "/templates/example"),
+        ("GET", "/pools/example"),
+        ("PUT", "/pools/example"),
+    ]:
         _error(c.request(method, path), 403, "unauthorized")
         _error(c.request(method, path, headers={"Authorization": "wrong"}), 403, "unauthorized")
     for header in (deploy.api_key, f"Bearer {deploy.api_key}", f"token {deploy.api_key}"):
         assert c.get("/applications/", headers={"Authorization": header}).status_code == 200
 
 
-def test_launch_can_be_closed_to_keyless_callers(deploy_factory: Callable[..., DeployServer]) -> None:
+def test_launch_can_be_closed_to_keyless_callers(
+    deploy_factory: Callable[..., DeployServer],
+) -> None:
     deploy = deploy_factory(launch_requires_key=True).start()
     _error(httpx.post(f"{deploy.url}/applications/example"), 403, "unauthorized")
     assert httpx.post(f"{deploy.url}/applications/example", headers=deploy.auth).status_code == 200
@@ -91,9 +105,22 @@ def test_capacity_total_and_per_template_answer_429_with_retry_after(
     deploy_factory: Callable[..., DeployServer],
 ) -> None:
     deploy = deploy_factory(max_deployments=3).start()
-    put = httpx.put(f"{deploy.url}/templates/small", headers=deploy.auth,
-                    json={"command": ["{python}", "-m", "services.example_app", "--port", "{port}",
-                                      "--base-url", "{base_url}"], "max-deployments": 1})
+    put = httpx.put(
+        f"{deploy.url}/templates/small",
+        headers=deploy.auth,
+        json={
+            "command": [
+                "{python}",
+                "-m",
+                "services.example_app",
+                "--port",
+                "{port}",
+                "--base-url",
+                "{base_url}",
+            ],
+            "max-deployments": 1,
+        },
+    )
     assert put.status_code == 200, put.text
     deploy.launch("small")
     response = httpx.post(f"{deploy.url}/applications/small")
@@ -114,10 +141,16 @@ def test_oversized_body_is_refused(deploy: DeployServer) -> None:
 
 def test_bad_template_definitions_are_refused(deploy: DeployServer) -> None:
     c = deploy.client()
-    cases = [({"command": []}, "command"), ({"command": ["x"], "limits": {"memory": "lots"}}, "limits.memory"),
-             ({"command": ["x"], "port": 70000}, "port"), ({"command": ["x"], "env": {"A": 1}}, "env")]
+    cases = [
+        ({"command": []}, "command"),
+        ({"command": ["x"], "limits": {"memory": "lots"}}, "limits.memory"),
+        ({"command": ["x"], "port": 70000}, "port"),
+        ({"command": ["x"], "env": {"A": 1}}, "env"),
+    ]
     for body, field in cases:
-        assert field in _error(c.put("/templates/t1", json=body, headers=deploy.auth), 422, "malformedRequest")
+        assert field in _error(
+            c.put("/templates/t1", json=body, headers=deploy.auth), 422, "malformedRequest"
+        )
 
 
 def test_database_outage_answers_503_and_recovers(
@@ -130,11 +163,17 @@ def test_database_outage_answers_503_and_recovers(
         db.stop()
         response = httpx.post(f"{deploy.url}/applications/example", timeout=15)
         _error(response, 503, "badDatabase")
-        wait_for(lambda: httpx.get(f"{deploy.url}/health").status_code == 503, timeout=15,
-                 what="/health to report the outage")
+        wait_for(
+            lambda: httpx.get(f"{deploy.url}/health").status_code == 503,
+            timeout=15,
+            what="/health to report the outage",
+        )
         db.start()
-        wait_for(lambda: httpx.get(f"{deploy.url}/health").status_code == 200, timeout=30,
-                 what="/health to recover")
+        wait_for(
+            lambda: httpx.get(f"{deploy.url}/health").status_code == 200,
+            timeout=30,
+            what="/health to recover",
+        )
         dep_id = deploy.launch()
         assert deploy.wait_status(dep_id, "deployed")["status"] == "deployed"
     finally:
@@ -143,8 +182,14 @@ def test_database_outage_answers_503_and_recovers(
 
 def test_proxy_outage_fails_health_and_recovers(deploy: DeployServer, proxy: Proxy) -> None:
     proxy.stop()
-    wait_for(lambda: httpx.get(f"{deploy.url}/health").status_code == 503, timeout=15,
-             what="/health to report the proxy outage")
+    wait_for(
+        lambda: httpx.get(f"{deploy.url}/health").status_code == 503,
+        timeout=15,
+        what="/health to report the proxy outage",
+    )
     proxy.start()
-    wait_for(lambda: httpx.get(f"{deploy.url}/health").status_code == 200, timeout=15,
-             what="/health to recover")
+    wait_for(
+        lambda: httpx.get(f"{deploy.url}/health").status_code == 200,
+        timeout=15,
+        what="/health to recover",
+    )

@@ -78,16 +78,22 @@ def test_app_older_than_max_age_is_culled(
 def test_pooled_launch_answers_location_on_first_poll(deploy: DeployServer, proxy: Proxy) -> None:
     resize = httpx.put(f"{deploy.url}/pools/example", json={"size": 2}, headers=deploy.auth)
     assert resize.status_code == 200
-    wait_for(lambda: httpx.get(f"{deploy.url}/pools/example", headers=deploy.auth).json()["ready"] == 2,
-             timeout=30, what="two pooled instances")
+    wait_for(
+        lambda: httpx.get(f"{deploy.url}/pools/example", headers=deploy.auth).json()["ready"] == 2,
+        timeout=30,
+        what="two pooled instances",
+    )
     dep_id = deploy.launch()
     first = deploy.status(dep_id)
     assert first["status"] == "deployed"
     assert first["location"].endswith(f"/user/{dep_id}")
     assert proxy.get(f"/user/{dep_id}/").status_code == 200
     # the pool refills in the background
-    wait_for(lambda: httpx.get(f"{deploy.url}/pools/example", headers=deploy.auth).json()["ready"] == 2,
-             timeout=30, what="the pool to refill")
+    wait_for(
+        lambda: httpx.get(f"{deploy.url}/pools/example", headers=deploy.auth).json()["ready"] == 2,
+        timeout=30,
+        what="the pool to refill",
+    )
     listed = httpx.get(f"{deploy.url}/applications/example", headers=deploy.auth).json()
     assert [d["id"] for d in listed] == [dep_id], "pooled instances are not users' deployments"
 
@@ -140,8 +146,11 @@ def test_routes_come_back_after_the_proxy_restarts(deploy: DeployServer, proxy: 
     deploy.wait_status(dep_id, "deployed")
     proxy.restart()
     assert f"/user/{dep_id}" not in proxy.routes()
-    wait_for(lambda: proxy.get(f"/user/{dep_id}/").status_code == 200, timeout=20,
-             what="the route to be registered again")
+    wait_for(
+        lambda: proxy.get(f"/user/{dep_id}/").status_code == 200,
+        timeout=20,
+        what="the route to be registered again",
+    )
 
 
 def test_events_stream_each_phase_until_final(deploy: DeployServer) -> None:

@@ -76,7 +76,9 @@ class Backend(Protocol):
     async def launch(self, spec: LaunchSpec) -> Observed:
         """Create the object for ``spec`` and return at once (state STARTING)."""
 
-    async def wait_ready(self, spec: LaunchSpec, observed: Observed, *, deadline: float) -> Observed:
+    async def wait_ready(
+        self, spec: LaunchSpec, observed: Observed, *, deadline: float
+    ) -> Observed:
         """Wait until the app answers; raise ``LaunchError`` with a reason when it cannot."""
 
     async def stop(self, dep_id: str, ref: dict[str, Any]) -> None:

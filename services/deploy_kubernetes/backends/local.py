@@ -66,8 +66,14 @@ def _exit_reason(code: int | None) -> str:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, *, state_dir: Path, log_dir: Path, host: str = "127.0.0.1",
-                 python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        log_dir: Path,
+        host: str = "127.0.0.1",
+        python: str = sys.executable,
+    ) -> None:
         self._state_dir = state_dir
         self._log_dir = log_dir
         self._host = host
@@ -106,8 +112,14 @@ class LocalBackend:
         argv = [spec.substitute(w, port=port, python=self._python) for w in template.command]
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         env.update(template.env)
-        env.update({"PORT": str(port), "BASE_URL": spec.base_url, "BINDER_ID": spec.id,
-                    "PYTHONUNBUFFERED": "1"})
+        env.update(
+            {
+                "PORT": str(port),
+                "BASE_URL": spec.base_url,
+                "BINDER_ID": spec.id,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         limit = memory_bytes(template.limits["memory"]) if "memory" in template.limits else None
 
         def preexec() -> None:  # runs in the child between fork and exec
@@ -116,30 +128,49 @@ class LocalBackend:
 
         log_path = self._log_dir / f"{spec.id}.log"
         try:
-            with open(log_path, "ab") as log:
+            # opening a local file in append mode does not wait on anything worth a thread
+            with open(log_path, "ab") as log:  # noqa: ASYNC230
                 proc = await asyncio.create_subprocess_exec(
-                    *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True, preexec_fn=preexec, cwd=self._state_dir,
+                    *argv,
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    preexec_fn=preexec,
+                    cwd=self._state_dir,
                 )
         except OSError as exc:
             raise LaunchError(f"could not start {argv[0]!r}: {exc.strerror or exc}") from exc
-        ref = {"pid": proc.pid, "port": port, "started": _start_time(proc.pid),
-               "template": template.name}
+        ref = {
+            "pid": proc.pid,
+            "port": port,
+            "started": _start_time(proc.pid),
+            "template": template.name,
+        }
         tmp = self._pidfile(spec.id).with_suffix(".tmp")
         tmp.write_text(json.dumps(ref))
         tmp.replace(self._pidfile(spec.id))
         self._children[spec.id] = proc
         self._spawn_task(self._reap(spec.id, proc, ref))
-        logger.bind(id=spec.id, template=template.name).info("started pid {} on port {}", proc.pid, port)
-        return Observed(spec.id, State.STARTING, f"http://{self._host}:{port}", ref, None, template.name)
+        logger.bind(id=spec.id, template=template.name).info(
+            "started pid {} on port {}", proc.pid, port
+        )
+        return Observed(
+            spec.id, State.STARTING, f"http://{self._host}:{port}", ref, None, template.name
+        )
 
-    async def _reap(self, dep_id: str, proc: asyncio.subprocess.Process, ref: dict[str, Any]) -> None:
+    async def _reap(
+        self, dep_id: str, proc: asyncio.subprocess.Process, ref: dict[str, Any]
+    ) -> None:
         code = await proc.wait()
         self._exit_codes[dep_id] = code
         self._children.pop(dep_id, None)
         if dep_id in self._stopping or self._notify is None:
             return
-        await self._notify(Observed(dep_id, State.EXITED, None, ref, _exit_reason(code), ref.get("template")))
+        await self._notify(
+            Observed(dep_id, State.EXITED, None, ref, _exit_reason(code), ref.get("template"))
+        )
 
     async def _watch_adopted(self) -> None:
         """Apps started by an earlier server are not our children: look at them once a second."""
@@ -153,7 +184,9 @@ class LocalBackend:
         pid, started = ref.get("pid"), ref.get("started")
         return isinstance(pid, int) and started is not None and _start_time(pid) == started
 
-    async def wait_ready(self, spec: LaunchSpec, observed: Observed, *, deadline: float) -> Observed:
+    async def wait_ready(
+        self, spec: LaunchSpec, observed: Observed, *, deadline: float
+    ) -> Observed:
         async def alive() -> str | None:
             proc = self._children.get(spec.id)
             if proc is not None and proc.returncode is not None:
@@ -164,7 +197,9 @@ class LocalBackend:
 
         assert observed.target is not None
         await wait_http(observed.target + spec.base_url, deadline=deadline, alive=alive)
-        return Observed(spec.id, State.RUNNING, observed.target, observed.ref, None, observed.template)
+        return Observed(
+            spec.id, State.RUNNING, observed.target, observed.ref, None, observed.template
+        )
 
     async def stop(self, dep_id: str, ref: dict[str, Any]) -> None:
         self._stopping.add(dep_id)
@@ -186,7 +221,8 @@ class LocalBackend:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         with anyio.move_on_after(STOP_GRACE_SECONDS):
-            while started is not None and _start_time(pid) == started:
+            # the group leader may not be our child (an adopted app): no event to wait on
+            while started is not None and _start_time(pid) == started:  # noqa: ASYNC110
                 await anyio.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
@@ -206,14 +242,16 @@ class LocalBackend:
                 continue
             proc = self._children.get(path.stem)
             running = (proc is not None and proc.returncode is None) or self._alive(ref)
-            out.append(Observed(
-                path.stem,
-                State.RUNNING if running else State.EXITED,
-                f"http://{self._host}:{ref.get('port')}",
-                ref,
-                None if running else _exit_reason(self._exit_codes.get(path.stem)),
-                ref.get("template"),
-            ))
+            out.append(
+                Observed(
+                    path.stem,
+                    State.RUNNING if running else State.EXITED,
+                    f"http://{self._host}:{ref.get('port')}",
+                    ref,
+                    None if running else _exit_reason(self._exit_codes.get(path.stem)),
+                    ref.get("template"),
+                )
+            )
         return out
 
     async def preload(self, template: Template) -> None:

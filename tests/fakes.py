@@ -1,0 +1,189 @@
+"""Hand-written fakes of the deploy server's ports, for unit tests of the logic above them.
+They record calls and can be told to fail. The contract tests keep them honest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from services.deploy_kubernetes.backends.base import LaunchSpec, Notify, Observed, State
+from services.deploy_kubernetes.errors import BadDatabaseError, BadProxyError, LaunchError
+from services.deploy_kubernetes.models import Deployment, Status, Template
+
+ACTIVE = (Status.DEPLOYING, Status.DEPLOYED)
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.deps: dict[str, Deployment] = {}
+        self.templates: dict[str, Template] = {}
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise BadDatabaseError("database unreachable: fake outage")
+
+    async def open(self) -> None:
+        self._check()
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        self._check()
+
+    async def insert(self, dep: Deployment) -> None:
+        self._check()
+        self.deps[dep.id] = dep
+
+    async def get(self, dep_id: str) -> Deployment | None:
+        self._check()
+        return self.deps.get(dep_id)
+
+    async def transition(
+        self, dep_id: str, sources: Iterable[Status], to: Status, **fields: Any
+    ) -> Deployment | None:
+        self._check()
+        dep = self.deps.get(dep_id)
+        if dep is None or dep.status not in set(sources):
+            return None
+        self.deps[dep_id] = replace(dep, status=to, **fields)
+        return self.deps[dep_id]
+
+    async def update(self, dep_id: str, **fields: Any) -> Deployment | None:
+        self._check()
+        if dep_id not in self.deps:
+            return None
+        self.deps[dep_id] = replace(self.deps[dep_id], **fields)
+        return self.deps[dep_id]
+
+    async def find(
+        self,
+        *,
+        template: str | None = None,
+        statuses: Iterable[Status] | None = None,
+        pooled: bool | None = False,
+        limit: int = 0,
+    ) -> list[Deployment]:
+        self._check()
+        wanted = None if statuses is None else set(statuses)
+        out = [
+            d
+            for d in sorted(self.deps.values(), key=lambda d: d.created)
+            if (template is None or d.template == template)
+            and (wanted is None or d.status in wanted)
+            and (pooled is None or d.pooled == pooled)
+        ]
+        return out[:limit] if limit else out
+
+    async def count_active(self, *, template: str | None = None) -> int:
+        return len(await self.find(template=template, statuses=ACTIVE, pooled=None))
+
+    async def claim_pooled(self, template: str, **fields: Any) -> Deployment | None:
+        ready = await self.find(template=template, statuses=[Status.DEPLOYED], pooled=True)
+        if not ready:
+            return None
+        return await self.update(ready[0].id, pooled=False, **fields)
+
+    async def put_template(self, template: Template) -> None:
+        self._check()
+        self.templates[template.name] = template
+
+    async def get_template(self, name: str) -> Template | None:
+        self._check()
+        return self.templates.get(name)
+
+    async def list_templates(self) -> list[Template]:
+        self._check()
+        return sorted(self.templates.values(), key=lambda t: t.name)
+
+    async def delete_template(self, name: str) -> bool:
+        self._check()
+        return self.templates.pop(name, None) is not None
+
+
+class FakeBackend:
+    """Apps that are ready at once, unless told to fail with a reason."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.running: dict[str, Observed] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.fail_with: str | None = None
+        self.notify: Notify | None = None
+
+    async def open(self, notify: Notify) -> None:
+        self.notify = notify
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def launch(self, spec: LaunchSpec) -> Observed:
+        self.calls.append(("launch", spec.id))
+        obs = Observed(
+            spec.id,
+            State.STARTING,
+            f"http://fake/{spec.id}",
+            {"n": len(self.calls)},
+            None,
+            spec.template.name,
+        )
+        self.running[spec.id] = obs
+        return obs
+
+    async def wait_ready(
+        self, spec: LaunchSpec, observed: Observed, *, deadline: float
+    ) -> Observed:
+        if self.fail_with:
+            raise LaunchError(self.fail_with)
+        return replace(observed, state=State.RUNNING)
+
+    async def stop(self, dep_id: str, ref: dict[str, Any]) -> None:
+        self.calls.append(("stop", dep_id))
+        self.running.pop(dep_id, None)
+
+    async def list(self) -> list[Observed]:
+        return list(self.running.values())
+
+    async def preload(self, template: Template) -> None:
+        self.calls.append(("preload", template.name))
+
+    async def preload_status(self, template: Template) -> str:
+        return "completed"
+
+
+class FakeProxy:
+    def __init__(self) -> None:
+        self.table: dict[str, tuple[str, datetime | None]] = {}
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise BadProxyError("proxy API unreachable: fake outage")
+
+    async def aclose(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        self._check()
+
+    async def add_route(self, path: str, target: str) -> None:
+        self._check()
+        self.table[path] = (target, None)
+
+    async def remove_route(self, path: str) -> None:
+        self._check()
+        self.table.pop(path, None)
+
+    async def routes(self) -> dict[str, tuple[str, datetime | None]]:
+        self._check()
+        return dict(self.table)
+
+    async def public_get(self, path: str) -> int:
+        return 200 if any(path.startswith(p) for p in self.table) else 404

@@ -1,0 +1,69 @@
+"""Layered settings: defaults, then the --config file, then BINDER_* variables; clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.errors import ConfigError
+from common.settings import load_settings
+
+
+def test_defaults_match_the_spec(tmp_path: Path) -> None:
+    s = load_settings(home=tmp_path, environ={})
+    assert (s.db.port, s.proxy.port, s.proxy.api_port, s.logging.port, s.deploy.port) == (
+        27017,
+        8000,
+        8001,
+        8050,
+        8084,
+    )
+    assert s.deploy.backend == "local"
+    assert s.deploy.max_deployments == 100
+    assert s.deploy.kubernetes.namespace == "binder"
+    assert s.public_host.endswith(":8000")
+
+
+def test_config_file_overrides_defaults_and_environment_overrides_both(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[deploy]\nport = 9000\nmax_deployments = 5\n[deploy.kubernetes]\nnamespace = "x"\n'
+    )
+    s = load_settings(cfg, home=tmp_path, environ={"BINDER_DEPLOY_PORT": "9100"})
+    assert s.deploy.port == 9100
+    assert s.deploy.max_deployments == 5
+    assert s.deploy.kubernetes.namespace == "x"
+
+
+def test_secrets_come_from_the_environment_and_stay_out_of_repr(tmp_path: Path) -> None:
+    s = load_settings(
+        home=tmp_path, environ={"BINDER_API_KEY": "sekrit", "CONFIGPROXY_AUTH_TOKEN": "tok"}
+    )
+    assert s.api_key == "sekrit"
+    assert s.proxy.token == "tok"
+    assert "sekrit" not in repr(s)
+    assert "tok" not in repr(s.proxy)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[deploy]\nport = 'x'\n", "'deploy.port' must be an integer"),
+        ("[deploy]\nbackend = 'mars'\n", "deploy.backend"),
+        ("[deploy]\nportt = 1\n", "unknown key 'deploy.portt'"),
+        ("[proxy]\nport = 70000\n", "'proxy.port' must be a port"),
+        ("[deploy\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_file_key_and_type(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_settings(cfg, home=tmp_path, environ={})
+    assert str(info.value).startswith(str(cfg))
+
+
+def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="BINDER_LOGGING_PORT"):
+        load_settings(home=tmp_path, environ={"BINDER_LOGGING_PORT": "many"})
