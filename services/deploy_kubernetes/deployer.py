@@ -82,7 +82,11 @@ class Deployer:
     async def get(self, template: str, dep_id: str) -> Deployment:
         check_name(template)
         check_id(dep_id)
-        dep = self._cache.get(dep_id) or await self.store.get(dep_id)
+        dep = self._cache.get(dep_id)
+        if dep is None:
+            dep = await self.store.get(dep_id)
+            if dep is not None:
+                self._remember(dep)  # this server is the records' only writer
         if dep is None or dep.template != template or dep.pooled:
             raise NoRecordError(f"no deployment {dep_id} of template {template}")
         return dep

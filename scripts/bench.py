@@ -1,0 +1,173 @@
+"""Benchmarks of the suite against its real components (see scripts/bench for the subcommands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from harness import Database, DeployServer, Proxy, wait_for  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def report(name: str, figures: dict[str, float | int | str], targets: dict[str, str]) -> None:
+    for key, value in figures.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"  {key:32} {shown}   {targets.get(key, '')}")
+    print(json.dumps({"bench": name, **figures}))
+
+
+@contextmanager
+def suite(**deploy: object) -> Iterator[DeployServer]:
+    work = Path(tempfile.mkdtemp(prefix="binder-bench-"))
+    db = Database(work).start()
+    proxy = Proxy(work).start()
+    server = DeployServer(work, db, proxy, **deploy)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        for pid in server.app_pids().values():
+            subprocess.run(["kill", "-9", f"-{pid}"], check=False, capture_output=True)
+        proxy.stop()
+        db.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _launch_once(client: httpx.Client, server: DeployServer) -> float:
+    start = time.perf_counter()
+    dep_id = client.post("/applications/example").json()["id"]
+    while True:
+        info = client.get(f"/applications/example/{dep_id}").json()
+        if info["status"] != "deploying":
+            break
+        time.sleep(0.002)
+    elapsed = time.perf_counter() - start
+    if info["status"] != "deployed":
+        raise SystemExit(f"launch failed: {info}")
+    client.delete(f"/applications/example/{dep_id}", headers=server.auth)
+    return elapsed
+
+
+def bench_launch(runs: int) -> None:
+    print(f"launch latency, POST -> deployed, {runs} launches of `example` (local backend)")
+    with (
+        suite(cull_interval_seconds=3600) as server,
+        httpx.Client(base_url=server.url, timeout=30) as c,
+    ):
+        _launch_once(c, server)  # warm-up
+        unpooled = [_launch_once(c, server) for _ in range(runs)]
+        c.put("/pools/example", json={"size": 3}, headers=server.auth)
+        pooled = []
+        for _ in range(runs):
+            wait_for(
+                lambda: c.get("/pools/example", headers=server.auth).json()["ready"] >= 3,
+                timeout=30,
+                interval=0.01,
+                what="the pool to be full",
+            )
+            pooled.append(_launch_once(c, server))
+    figures = {
+        "unpooled_p50_ms": statistics.median(unpooled) * 1000,
+        "unpooled_p95_ms": pct(unpooled, 0.95) * 1000,
+        "pooled_p50_ms": statistics.median(pooled) * 1000,
+        "pooled_p95_ms": pct(pooled, 0.95) * 1000,
+    }
+    report(
+        "launch", figures, {"unpooled_p50_ms": "(target < 1000)", "pooled_p50_ms": "(target < 50)"}
+    )
+
+
+WRK_SCRIPT = """
+local ids = {}
+for line in io.lines("%s") do ids[#ids + 1] = line end
+local i = 0
+request = function()
+  i = i %% #ids + 1
+  return wrk.format("GET", "/applications/example/" .. ids[i])
+end
+"""
+
+
+def _wrk(url: str, seconds: int, script: Path | None = None) -> float:
+    argv = ["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    raise SystemExit(f"wrk printed no rate:\n{out}")
+
+
+def bench_status(seconds: int) -> None:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install -y wrk")
+    print(f"status throughput at 32 connections over {seconds} s, 1,000 records stored")
+    from pymongo import MongoClient
+
+    with suite(max_deployments=5000) as server:
+        ids = [f"{n:032x}" for n in range(1, 1001)]
+        now = datetime.now(UTC)
+        db_name = "binder"
+        with MongoClient(server.db.uri) as mongo:
+            mongo[db_name]["deployments"].insert_many(
+                [
+                    {
+                        "id": i,
+                        "template": "example",
+                        "status": "deleted",
+                        "created": now,
+                        "cull_timeout_ms": 3600000,
+                        "location": f"h/user/{i}",
+                        "url": f"http://h/user/{i}/",
+                        "reason": "deleted by request",
+                        "pooled": False,
+                        "backend_ref": {},
+                    }
+                    for i in ids
+                ]
+            )
+        id_file = server.workdir / "ids.txt"
+        id_file.write_text("\n".join(ids) + "\n")
+        script = server.workdir / "status.lua"
+        script.write_text(WRK_SCRIPT % id_file)
+        health = _wrk(server.url + "/health", seconds)
+        status = _wrk(server.url, seconds, script)
+    figures = {"status_rps": status, "health_rps": health, "ratio": status / health}
+    report("status", figures, {"ratio": "(target >= 0.70)"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    launch = sub.add_parser("launch")
+    launch.add_argument("--runs", type=int, default=50)
+    status = sub.add_parser("status")
+    status.add_argument("--seconds", type=int, default=10)
+    sub.add_parser("all")
+    args = parser.parse_args()
+    if args.what in ("launch", "all"):
+        bench_launch(getattr(args, "runs", 50))
+    if args.what in ("status", "all"):
+        bench_status(getattr(args, "seconds", 10))
+
+
+if __name__ == "__main__":
+    main()
