@@ -78,6 +78,9 @@ class LoggingSettings:
     """Log lines older than this are removed."""
     max_body_bytes: int = 8 * 1024 * 1024
     """Largest ingest body accepted; larger ones are answered 413."""
+    tail_skip: str = "deploy-kubernetes"
+    """Comma-separated prefixes of files in ``<home>/logs`` not followed (their program ships
+    its records through the loguru sink already)."""
 
     @property
     def url(self) -> str:
@@ -299,3 +302,38 @@ def _check(settings: Settings, *, source: str) -> None:
     for key, number in positive.items():
         if number <= 0:
             raise ConfigError(f"{source}: '{key}' must be greater than 0, got {number}")
+
+
+def dump_toml(settings: Settings, *, secrets: str = "omit") -> str:
+    """The effective settings as TOML. ``secrets``: ``omit`` them, or ``mask`` them for display."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        text = str(v).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{text}"'
+
+    def section(obj: Any, name: str) -> list[str]:
+        lines = [f"[{name}]"] if name else []
+        tables = []
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                tables.append((f.name, v))
+            elif f.name in SECRET_KEYS:
+                if secrets == "mask":
+                    lines.append(f"{f.name} = {value(_masked(v))}")
+            elif name or f.name != "home":
+                lines.append(f"{f.name} = {value(v)}")
+        for sub, v in tables:
+            lines += ["", *section(v, f"{name}.{sub}" if name else sub)]
+        return lines
+
+    head = [f"# home = {value(settings.home)}"]
+    return "\n".join(head + section(settings, "")) + "\n"
+
+
+def _masked(secret: str) -> str:
+    return (secret[:4] + "…") if len(secret) > 8 else ("…" if secret else "")

@@ -7,6 +7,7 @@ never from the command line.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from loguru import logger
 from common.errors import BinderError
 from common.logs import configure_logging
 from common.settings import load_settings
-from services.deploy_kubernetes.app import create_app
+from services.deploy_kubernetes.app import create_app, stop_apps
 from services.logging.sink import AggregatorSink
 
 
@@ -30,12 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--home", type=Path, help="the suite's home (default $BINDER_HOME or ~/.binder)"
     )
+    parser.add_argument(
+        "--stop-apps",
+        action="store_true",
+        help="stop every app the backend runs on this host, mark their records deleted, and exit "
+        "(used when the suite is stopped)",
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config, home=args.home)
     except BinderError as exc:
         print(f"deploy-kubernetes: {exc.message}", file=sys.stderr)
         return 1
+    if args.stop_apps:
+        configure_logging("deploy-kubernetes")
+        try:
+            count = asyncio.run(stop_apps(settings))
+        except BinderError as exc:
+            print(f"deploy-kubernetes: {exc.message}", file=sys.stderr)
+            return 1
+        print(f"stopped {count} apps")
+        return 0
     sink = AggregatorSink(settings.logging.url)
     configure_logging("deploy-kubernetes", sinks=[sink])
     if not settings.api_key:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,9 +13,11 @@ from common.errors import ConfigError
 from common.proxy import Proxy, ProxyClient
 from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS
-from services.deploy_kubernetes.backends.base import Backend
+from services.deploy_kubernetes.backends.base import Backend, Observed
 from services.deploy_kubernetes.deployer import Deployer
+from services.deploy_kubernetes.errors import BinderError
 from services.deploy_kubernetes.metrics import Metrics
+from services.deploy_kubernetes.models import Status, now, sources_of
 from services.deploy_kubernetes.routes import ROUTES
 from services.deploy_kubernetes.service import Service
 from services.deploy_kubernetes.store import MongoStore, Store
@@ -74,3 +77,30 @@ def create_app(
             await service.stop()
 
     return Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+
+
+async def stop_apps(settings: Settings) -> int:
+    """Stop every app of the backend on this host; their records become ``deleted``."""
+    backend = build_backend(settings)
+    store = MongoStore(uri=settings.db.effective_uri, database=settings.db.database)
+
+    async def ignore(_: Observed) -> None:
+        return None
+
+    await backend.open(ignore)
+    try:
+        objects = await backend.list()
+        for obs in objects:
+            with contextlib.suppress(BinderError):
+                await store.transition(
+                    obs.id,
+                    sources_of(Status.DELETED),
+                    Status.DELETED,
+                    reason="stopped with the suite",
+                    ended_at=now(),
+                )
+            await backend.stop(obs.id, obs.ref)
+        return len(objects)
+    finally:
+        await backend.close()
+        await store.close()

@@ -1,0 +1,62 @@
+"""The ``db`` program when no ``mongod`` is installed: the embedded MongoDB-compatible server.
+
+Run as its own process (``python -m services.embedded_db --host H --port P --storage-path DIR``);
+the services only ever speak the wire protocol to it. It differs from ``secantusd-py`` in one way:
+on SIGTERM it wakes the server's accept loop with a connection, so it stops in a few tens of
+milliseconds instead of waiting out the accept thread's two-second join.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from types import FrameType
+
+from secantus import SecantusDBServer
+
+
+def _wake(host: str, port: int, done: threading.Event) -> None:
+    """Connect until the listening socket is gone, so a blocked accept() returns."""
+    while not done.is_set():
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                pass
+        except OSError:
+            return
+        time.sleep(0.005)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.embedded_db", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=27017)
+    parser.add_argument("--storage-path", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    server = SecantusDBServer(host=args.host, port=args.port, storage_path=args.storage_path)
+    done = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        waker = threading.Thread(target=_wake, args=(args.host, args.port, done), daemon=True)
+        waker.start()
+        server.stop()
+        done.set()
+        logging.getLogger("embedded_db").info("stopped on signal %d", signum)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.start()
+    server.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

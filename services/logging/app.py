@@ -1,0 +1,244 @@
+"""The log aggregator: ingest, query, live tail, file following, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+from loguru import logger
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from common.errors import BinderError, MalformedRequestError
+from common.settings import Settings
+from common.web import EXCEPTION_HANDLERS, metrics_response, read_body
+from services.logging.ingest import LogFilters, parse_body, parse_filters, to_wire
+from services.logging.store import LogStore
+from services.logging.tail import Tailer
+
+MAX_LIMIT = 1000
+STREAM_QUEUE = 10_000
+
+
+class Aggregator:
+    def __init__(
+        self,
+        *,
+        store: LogStore,
+        settings: Settings,
+        tail_interval: float = 0.25,
+        retention_interval: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.ingested = Counter(
+            "binder_log_records_ingested", "Records stored", ["via"], registry=self.registry
+        )
+        self.refused = Counter(
+            "binder_log_records_refused", "Records refused", registry=self.registry
+        )
+        self.query_latency = Histogram(
+            "binder_log_query_seconds", "GET /logs latency", registry=self.registry
+        )
+        self.subscribers: set[tuple[LogFilters, asyncio.Queue[dict[str, Any]]]] = set()
+        skip = tuple(s for s in settings.logging.tail_skip.split(",") if s)
+        self.tailer = Tailer(
+            logs_dir=settings.home / "logs",
+            store=store,
+            sink=self.publish,
+            skip=skip,
+            interval=tail_interval,
+        )
+        self.retention_interval = retention_interval
+        self.healthy = "unknown"
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def publish(self, records: list[dict[str, Any]]) -> None:
+        for filters, queue in list(self.subscribers):
+            for record in records:
+                if filters.matches(record) and queue.qsize() < STREAM_QUEUE:
+                    queue.put_nowait(record)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async def start(self) -> None:
+        self._spawn(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.store.open()
+                break
+            except BinderError as exc:
+                self.healthy = exc.message
+                logger.warning("waiting for the database: {}", exc.message)
+                await anyio.sleep(1.0)
+        self.healthy = "ok"
+        self._spawn(self.tailer.run())
+        self._spawn(self._retention())
+        self._spawn(self._watch_health())
+
+    async def _watch_health(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            try:
+                await self.store.ping()
+                self.healthy = "ok"
+            except BinderError as exc:
+                self.healthy = exc.message
+
+    async def _retention(self) -> None:
+        while True:
+            try:
+                await self.apply_retention()
+            except BinderError as exc:
+                logger.warning("retention skipped: {}", exc.message)
+            await anyio.sleep(self.retention_interval)
+
+    async def apply_retention(self) -> int:
+        cutoff = datetime.now(UTC) - timedelta(days=self.settings.logging.retention_days)
+        removed = await self.store.delete_before(cutoff)
+        if removed:
+            logger.info("retention removed {} lines older than {}", removed, cutoff.isoformat())
+        return removed
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.store.close()
+
+
+def _agg(request: Request) -> Aggregator:
+    agg: Aggregator = request.state.aggregator
+    return agg
+
+
+async def ingest(request: Request) -> Response:
+    agg = _agg(request)
+    body = await read_body(request, agg.settings.logging.max_body_bytes)
+    records, refused = parse_body(body)
+    stored = await agg.store.insert(records)
+    agg.ingested.labels(via="http").inc(stored)
+    await agg.publish(records)
+    if refused:
+        agg.refused.inc(len(refused))
+        return JSONResponse(
+            {
+                "type": "malformedRequest",
+                "error": f"{len(refused)} records refused, {len(records)} accepted",
+                "accepted": len(records),
+                "refused": refused[:100],
+            },
+            status_code=422,
+        )
+    return JSONResponse({"accepted": len(records)})
+
+
+def _limit(params: Any) -> int:
+    raw = params.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise MalformedRequestError(f"limit: must be an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _order(params: Any) -> bool:
+    order = params.get("order", "newest")
+    if order not in ("newest", "oldest"):
+        raise MalformedRequestError("order: must be newest or oldest")
+    return bool(order == "oldest")
+
+
+async def query(request: Request) -> Response:
+    agg = _agg(request)
+    params = request.query_params
+    started = time.perf_counter()
+    filters = parse_filters(dict(params), now=datetime.now(UTC))
+    docs, cursor = await agg.store.query(
+        filters, limit=_limit(params), cursor=params.get("cursor"), oldest_first=_order(params)
+    )
+    agg.query_latency.observe(time.perf_counter() - started)
+    return JSONResponse({"records": [to_wire(d) for d in docs], "next": cursor})
+
+
+async def stream(request: Request) -> Response:
+    agg = _agg(request)
+    filters = parse_filters(dict(request.query_params), now=datetime.now(UTC))
+    live = LogFilters(filters.service, filters.level, filters.app, None, filters.until, filters.q)
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    entry = (live, queue)
+    agg.subscribers.add(entry)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            yield ": tailing\n\n"
+            while True:
+                try:
+                    record = await asyncio.wait_for(queue.get(), timeout=15.0)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                yield f"event: log\ndata: {json.dumps(to_wire(record), default=str)}\n\n"
+        finally:
+            agg.subscribers.discard(entry)
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def health(request: Request) -> Response:
+    state = _agg(request).healthy
+    ok = state == "ok"
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "database": state}, status_code=200 if ok else 503
+    )
+
+
+async def metrics(request: Request) -> Response:
+    return metrics_response(_agg(request).registry)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: LogStore | None = None,
+    tail_interval: float = 0.25,
+    retention_interval: float = 60.0,
+) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        agg = Aggregator(
+            store=store or LogStore(uri=settings.db.effective_uri, database=settings.db.database),
+            settings=settings,
+            tail_interval=tail_interval,
+            retention_interval=retention_interval,
+        )
+        await agg.start()
+        try:
+            yield {"aggregator": agg}
+        finally:
+            await agg.stop()
+
+    routes = [
+        Route("/logs", ingest, methods=["POST"]),
+        Route("/logs", query, methods=["GET"]),
+        Route("/logs/stream", stream, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

@@ -1,0 +1,187 @@
+"""Following the files supervisord writes (``<home>/logs/*.log``) and the apps' output
+(``<home>/logs/apps/<id>.log``), rotation included.
+
+Each line's record id is ``<inode>:<offset>`` of where it starts, so a line read twice (after a
+crash between storing lines and storing the offset) is stored once. Offsets are kept in the
+database, so a restarted aggregator goes on where it left off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from loguru import logger
+
+from common.errors import BinderError
+from services.logging.ingest import LEVEL_ALIASES, LEVELS
+from services.logging.store import LogStore
+
+MAX_READ = 4 * 1024 * 1024
+MAX_LINE = 64 * 1024
+
+Sink = Callable[[list[dict[str, Any]]], Awaitable[None]]
+
+
+@dataclass
+class Followed:
+    inode: int
+    offset: int
+
+
+def describe(path: Path, logs_dir: Path) -> tuple[str, str | None, str]:
+    """(service, deployment id, stream) of a followed file."""
+    if path.parent.name == "apps":
+        return "app", path.stem, "output"
+    name = path.name.removesuffix(".log")
+    service, _, stream = name.rpartition(".")
+    if stream not in ("out", "err"):
+        return name, None, "log"
+    return service, None, stream
+
+
+def line_record(
+    line: bytes, *, path: Path, inode: int, offset: int, logs_dir: Path
+) -> dict[str, Any]:
+    service, dep, stream = describe(path, logs_dir)
+    text = line.decode(errors="replace").rstrip("\r\n")[:MAX_LINE]
+    record: dict[str, Any] = {
+        "_id": f"{inode}:{offset}",
+        "time": datetime.now(UTC),
+        "service": service,
+        "level": "info",
+        "message": text,
+        "stream": stream,
+        "file": path.name,
+    }
+    parsed = _json_line(text)
+    if parsed is not None:
+        level = str(parsed.get("level", "info")).lower()
+        record["level"] = (
+            LEVEL_ALIASES.get(level, level) if level in (*LEVELS, *LEVEL_ALIASES) else "info"
+        )
+        record["message"] = str(parsed.get("message", text))
+        for key in ("id", "template"):
+            if isinstance(parsed.get(key), str):
+                record[key] = parsed[key]
+    elif stream == "err" and any(w in text.lower() for w in ("error", "fatal", "traceback")):
+        record["level"] = "error"
+    if dep:
+        record["id"] = dep
+    return record
+
+
+def _json_line(text: str) -> dict[str, Any] | None:
+    if not text.startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) and "message" in value else None
+
+
+class Tailer:
+    def __init__(
+        self,
+        *,
+        logs_dir: Path,
+        store: LogStore,
+        sink: Sink,
+        skip: tuple[str, ...] = (),
+        interval: float = 0.25,
+    ) -> None:
+        self.logs_dir = logs_dir
+        self.store = store
+        self.sink = sink
+        self.skip = skip
+        self.interval = interval
+        self._files: dict[str, Followed] = {}
+
+    def candidates(self) -> list[Path]:
+        files = [*self.logs_dir.glob("*.log"), *(self.logs_dir / "apps").glob("*.log")]
+        return sorted(p for p in files if not p.name.startswith(self.skip))
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except BinderError as exc:
+                logger.warning("tailing paused: {}", exc.message)
+            await anyio.sleep(self.interval)
+
+    async def poll_once(self) -> int:
+        total = 0
+        for path in self.candidates():
+            total += await self._follow(path)
+        return total
+
+    async def _follow(self, path: Path) -> int:
+        key = str(path)
+        try:
+            st = path.stat()  # noqa: ASYNC240 - stat of a local file, a few times a second
+        except FileNotFoundError:
+            return 0
+        state = self._files.get(key)
+        if state is None:
+            saved = await self.store.get_offset(key)
+            state = Followed(*saved) if saved else Followed(st.st_ino, 0)
+            self._files[key] = state
+        total = 0
+        if state.inode != st.st_ino:  # rotated: finish the old file first, wherever it went
+            rotated = _find_inode(path, state.inode)
+            if rotated is not None:
+                total += await self._read(rotated, key, state, final=True)
+            state.inode, state.offset = st.st_ino, 0
+        elif st.st_size < state.offset:  # truncated
+            state.offset = 0
+        total += await self._read(path, key, state, final=False)
+        return total
+
+    async def _read(self, path: Path, key: str, state: Followed, *, final: bool) -> int:
+        total = 0
+        while True:
+            with open(path, "rb") as fh:  # noqa: ASYNC230 - a bounded read of a local file
+                fh.seek(state.offset)
+                chunk = fh.read(MAX_READ)
+            if not chunk:
+                return total
+            end = chunk.rfind(b"\n") + 1
+            if end == 0:
+                if not final and len(chunk) < MAX_READ:
+                    return total  # a partial last line: wait for its end
+                end = len(chunk)
+            records, offset = [], state.offset
+            for line in chunk[:end].splitlines(keepends=True):
+                if line.strip():
+                    records.append(
+                        line_record(
+                            line,
+                            path=Path(key),
+                            inode=state.inode,
+                            offset=offset,
+                            logs_dir=self.logs_dir,
+                        )
+                    )
+                offset += len(line)
+            await self.store.insert(records)
+            await self.sink(records)
+            state.offset += end
+            await self.store.set_offset(key, state.inode, state.offset)
+            total += len(records)
+
+
+def _find_inode(path: Path, inode: int) -> Path | None:
+    for candidate in sorted(path.parent.glob(path.name + ".*")):
+        try:
+            if os.stat(candidate).st_ino == inode:
+                return candidate
+        except FileNotFoundError:
+            continue
+    return None
