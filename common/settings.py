@@ -78,6 +78,8 @@ class LoggingSettings:
     """Log lines older than this are removed."""
     max_body_bytes: int = 8 * 1024 * 1024
     """Largest ingest body accepted; larger ones are answered 413."""
+    retention_check_seconds: float = 60
+    """How often lines older than ``retention_days`` are removed."""
     tail_skip: str = "deploy-kubernetes"
     """Comma-separated prefixes of files in ``<home>/logs`` not followed (their program ships
     its records through the loguru sink already)."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import json
 import shutil
 import statistics
@@ -18,7 +21,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import Database, DeployServer, Proxy, wait_for  # noqa: E402
+from harness import Database, DeployServer, LoggingServer, Proxy, free_port, wait_for  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -44,7 +47,8 @@ def suite(**deploy: object) -> Iterator[DeployServer]:
     finally:
         server.stop()
         for pid in server.app_pids().values():
-            subprocess.run(["kill", "-9", f"-{pid}"], check=False, capture_output=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
         proxy.stop()
         db.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -154,6 +158,102 @@ def bench_status(seconds: int) -> None:
     report("status", figures, {"ratio": "(target >= 0.70)"})
 
 
+def bench_logs(lines: int) -> None:
+    print(f"log aggregator: ingest from a sink, then `app` queries over {lines:,} stored lines")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from services.logging.sink import AggregatorSink
+
+    work = Path(tempfile.mkdtemp(prefix="binder-bench-"))
+    db = Database(work).start()
+    logs = LoggingServer(work, db).start()
+    try:
+        sink = AggregatorSink(logs.url, capacity=lines + 1)
+        apps = [f"{n:032x}" for n in range(200)]
+        stamp = datetime.now(UTC).isoformat()
+        start = time.perf_counter()
+        for n in range(lines):
+            sink.push(
+                {
+                    "time": stamp,
+                    "service": "bench",
+                    "level": "info",
+                    "message": f"line {n} of the benchmark",
+                    "id": apps[n % len(apps)],
+                }
+            )
+        sink.close(timeout=600)
+        ingest_s = time.perf_counter() - start
+        if sink.pending():
+            raise SystemExit(f"{sink.pending()} lines were not delivered")
+        latencies = []
+        with httpx.Client(timeout=30) as client:
+            for n in range(100):
+                t = time.perf_counter()
+                r = client.get(
+                    f"{logs.url}/logs", params={"app": apps[n % len(apps)], "limit": 100}
+                )
+                latencies.append(time.perf_counter() - t)
+                assert r.status_code == 200 and len(r.json()["records"]) == 100
+    finally:
+        logs.stop()
+        db.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    figures = {
+        "ingest_lines_per_s": lines / ingest_s,
+        "query_p50_ms": statistics.median(latencies) * 1000,
+        "query_p95_ms": pct(latencies, 0.95) * 1000,
+        "stored_lines": lines,
+    }
+    report(
+        "logs",
+        figures,
+        {"ingest_lines_per_s": "(target >= 20000)", "query_p95_ms": "(target < 100)"},
+    )
+
+
+def bench_control(runs: int) -> None:
+    print(f"binder-control: start-all to all ready, stop-all to nothing left, {runs} runs")
+    binary = Path(sys.executable).parent / "binder-control"
+    work = Path(tempfile.mkdtemp(prefix="binder-bench-"))
+    config = work / "binder.toml"
+    ports = [free_port() for _ in range(5)]
+    config.write_text(
+        f"[db]\nport = {ports[0]}\n[proxy]\nport = {ports[1]}\napi_port = {ports[2]}\n"
+        f"[logging]\nport = {ports[3]}\n[deploy]\nport = {ports[4]}\n"
+    )
+    starts, stops = [], []
+    try:
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run(
+                [str(binary), "--home", str(work / "home"), "start-all", "--config", str(config)],
+                check=True,
+                capture_output=True,
+            )
+            starts.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            subprocess.run(
+                [str(binary), "--home", str(work / "home"), "stop-all"],
+                check=True,
+                capture_output=True,
+            )
+            stops.append(time.perf_counter() - t)
+    finally:
+        subprocess.run([str(binary), "--home", str(work / "home"), "stop-all"], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    figures = {
+        "start_all_median_s": statistics.median(starts),
+        "start_all_max_s": max(starts),
+        "stop_all_median_s": statistics.median(stops),
+        "stop_all_max_s": max(stops),
+    }
+    report(
+        "control",
+        figures,
+        {"start_all_median_s": "(target < 5)", "stop_all_median_s": "(target < 3)"},
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -161,12 +261,20 @@ def main() -> None:
     launch.add_argument("--runs", type=int, default=50)
     status = sub.add_parser("status")
     status.add_argument("--seconds", type=int, default=10)
+    logs = sub.add_parser("logs")
+    logs.add_argument("--lines", type=int, default=200_000)
+    control = sub.add_parser("control")
+    control.add_argument("--runs", type=int, default=5)
     sub.add_parser("all")
     args = parser.parse_args()
     if args.what in ("launch", "all"):
         bench_launch(getattr(args, "runs", 50))
     if args.what in ("status", "all"):
         bench_status(getattr(args, "seconds", 10))
+    if args.what in ("logs", "all"):
+        bench_logs(getattr(args, "lines", 200_000))
+    if args.what in ("control", "all"):
+        bench_control(getattr(args, "runs", 5))
 
 
 if __name__ == "__main__":

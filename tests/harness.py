@@ -319,3 +319,64 @@ def _toml(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)
+
+
+class LoggingServer:
+    """The log aggregator as a real process (``python -m services.logging``)."""
+
+    def __init__(self, workdir: Path, db: Database, **logging: Any) -> None:
+        self.workdir, self.db = workdir, db
+        self.port = free_port()
+        self.home = workdir / "home"
+        (self.home / "logs" / "apps").mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "logging.toml"
+        options = {"port": self.port, **logging}
+        database = f"logs{secrets.token_hex(4)}"
+        self.config.write_text(
+            f'[db]\nuri = "{db.uri}"\ndatabase = "{database}"\n[logging]\n'
+            + "".join(f"{k} = {_toml(v)}\n" for k, v in options.items())
+        )
+        self.proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LoggingServer:
+        env = {**os.environ, "BINDER_HOME": str(self.home)}
+        self.proc = Proc(
+            [sys.executable, "-m", "services.logging", "--config", str(self.config)],
+            log=self.workdir / "logging.log",
+            env=env,
+            cwd=ROOT,
+        ).start()
+        wait_for(
+            lambda: httpx.get(self.url + "/health", timeout=2).status_code == 200,
+            timeout=30,
+            what="the log aggregator's /health",
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill9()
+
+    def query(self, **params: Any) -> dict[str, Any]:
+        response = httpx.get(self.url + "/logs", params=params, timeout=30)
+        assert response.status_code == 200, response.text
+        data: dict[str, Any] = response.json()
+        return data
+
+    def all(self, **params: Any) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        params = {"limit": 1000, **params}
+        while True:
+            page = self.query(**params)
+            out += page["records"]
+            if not page["next"]:
+                return out
+            params["cursor"] = page["next"]

@@ -218,7 +218,6 @@ def create_app(
     *,
     store: LogStore | None = None,
     tail_interval: float = 0.25,
-    retention_interval: float = 60.0,
 ) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -226,7 +225,7 @@ def create_app(
             store=store or LogStore(uri=settings.db.effective_uri, database=settings.db.database),
             settings=settings,
             tail_interval=tail_interval,
-            retention_interval=retention_interval,
+            retention_interval=settings.logging.retention_check_seconds,
         )
         await agg.start()
         try:

@@ -1,0 +1,234 @@
+"""The log aggregator against the real database server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import Database, DeployServer, LoggingServer, Proxy, wait_for
+
+from services.logging.sink import AggregatorSink
+
+
+@pytest.fixture
+def logging_factory(tmp_path: Path, database: Database) -> Iterator[Callable[..., LoggingServer]]:
+    servers: list[LoggingServer] = []
+
+    def make(**options: Any) -> LoggingServer:
+        server = LoggingServer(tmp_path / f"logging{len(servers)}", database, **options)
+        server.workdir.mkdir(exist_ok=True)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def _post(server: LoggingServer, records: list[dict[str, Any]] | str) -> httpx.Response:
+    body = records if isinstance(records, str) else json.dumps(records)
+    return httpx.post(server.url + "/logs", content=body, timeout=60)
+
+
+def test_deploy_server_sink_ships_records_queryable_by_app(
+    tmp_path: Path, logging_factory: Callable[..., LoggingServer], database: Database, proxy: Proxy
+) -> None:
+    logs = logging_factory()
+    (tmp_path / "d").mkdir()
+    deploy = DeployServer(tmp_path / "d", database, proxy)
+    deploy.config.write_text(
+        deploy.config.read_text().replace(
+            "[logging]\nport = ", f"[logging]\nport = {logs.port}\n# was "
+        )
+    )
+    deploy.start()
+    try:
+        dep_id = deploy.launch()
+        deploy.wait_status(dep_id, "deployed")
+        records = wait_for(
+            lambda: logs.query(app=dep_id, order="oldest")["records"],
+            timeout=15,
+            what="the deploy server's records",
+        )
+        assert all(r["id"] == dep_id for r in records)
+        assert records[0]["service"] == "deploy-kubernetes"
+        wait_for(
+            lambda: any(r["message"] == "deployed" for r in logs.query(app=dep_id)["records"]),
+            timeout=15,
+            what="the 'deployed' line",
+        )
+    finally:
+        deploy.stop()
+
+
+def test_filters_and_paging_over_100000_lines(
+    logging_factory: Callable[..., LoggingServer],
+) -> None:
+    logs = logging_factory()
+    start = datetime.now(UTC) - timedelta(hours=1)
+    services, levels = ("proxy", "db", "deploy-kubernetes", "logging"), ("info", "warning", "error")
+    for batch in range(20):
+        records = [
+            {
+                "time": (start + timedelta(milliseconds=batch * 5000 + i)).isoformat(),
+                "service": services[i % 4],
+                "level": levels[i % 3],
+                "message": f"line {batch * 5000 + i}" + (" needle" if i % 1000 == 7 else ""),
+                **({"id": "a" * 32} if i % 50 == 0 else {}),
+            }
+            for i in range(5000)
+        ]
+        assert _post(logs, records).status_code == 200
+    assert len(logs.query(limit=1000)["records"]) == 1000
+    needles = logs.all(q="NEEDLE")
+    assert len(needles) == 100
+    assert all("needle" in r["message"] for r in needles)
+    app_lines = logs.all(app="a" * 32)
+    assert len(app_lines) == 2000
+    assert len({r["rid"] for r in app_lines}) == 2000, "paging returns no line twice"
+    times = [r["time"] for r in app_lines]
+    assert times == sorted(times, reverse=True), "newest first by default"
+    errors_db = logs.query(service="db", level="error", limit=5)["records"]
+    assert errors_db
+    assert all(r["service"] == "db" and r["level"] in ("error", "critical") for r in errors_db)
+    window = logs.all(
+        since=(start + timedelta(seconds=10)).isoformat(),
+        until=(start + timedelta(seconds=11)).isoformat(),
+        service="proxy",
+    )
+    assert len(window) == 250
+    oldest = logs.query(order="oldest", limit=1)["records"][0]
+    assert oldest["message"] == "line 0"
+
+
+def test_live_tail_delivers_a_line_posted_after_it_opened(
+    logging_factory: Callable[..., LoggingServer],
+) -> None:
+    logs = logging_factory()
+    got: list[dict[str, Any]] = []
+    opened = threading.Event()
+
+    def listen() -> None:
+        with httpx.stream(
+            "GET",
+            logs.url + "/logs/stream",
+            params={"service": "web"},
+            timeout=httpx.Timeout(5, read=20),
+        ) as r:
+            for line in r.iter_lines():
+                opened.set()
+                if line.startswith("data: "):
+                    got.append(json.loads(line[6:]))
+                    return
+
+    thread = threading.Thread(target=listen)
+    thread.start()
+    assert opened.wait(10)
+    _post(
+        logs,
+        [
+            {"service": "other", "message": "not for us"},
+            {"service": "web", "message": "hello tail", "level": "warn"},
+        ],
+    )
+    thread.join(20)
+    assert [(r["service"], r["message"], r["level"]) for r in got] == [
+        ("web", "hello tail", "warning")
+    ]
+
+
+def test_malformed_records_are_refused_and_good_ones_kept(
+    logging_factory: Callable[..., LoggingServer],
+) -> None:
+    logs = logging_factory(max_body_bytes=100_000)
+    lines = "\n".join(
+        [
+            json.dumps({"service": "a", "message": "good 1"}),
+            "{broken",
+            json.dumps({"service": "a"}),
+            json.dumps({"service": "a", "message": "bad level", "level": "loud"}),
+            json.dumps({"service": "a", "message": "good 2"}),
+        ]
+    )
+    response = _post(logs, lines)
+    assert response.status_code == 422
+    body = response.json()
+    assert body["accepted"] == 2
+    assert [r["index"] for r in body["refused"]] == [1, 2, 3]
+    assert "message" in body["refused"][1]["error"]
+    assert {r["message"] for r in logs.all(service="a")} == {"good 1", "good 2"}
+    big = _post(logs, [{"service": "a", "message": "x" * 60_000}] * 3)
+    assert big.status_code == 413
+
+
+def test_retention_removes_old_lines(logging_factory: Callable[..., LoggingServer]) -> None:
+    logs = logging_factory(retention_days=1, retention_check_seconds=0.5)
+    old = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    _post(
+        logs, [{"service": "r", "message": "old", "time": old}, {"service": "r", "message": "new"}]
+    )
+    wait_for(
+        lambda: [r["message"] for r in logs.all(service="r")] == ["new"],
+        timeout=20,
+        what="the old line to be removed",
+    )
+
+
+def test_program_output_followed_through_rotation(
+    logging_factory: Callable[..., LoggingServer],
+) -> None:
+    logs = logging_factory()
+    path = logs.home / "logs" / "worker.out.log"
+    with path.open("a") as fh:
+        fh.write("before 1\nbefore 2\n")
+    wait_for(lambda: len(logs.all(service="worker")) == 2, timeout=15, what="the first lines")
+    with path.open("a") as fh:
+        fh.write("before 3\n")
+    path.rename(path.with_name("worker.out.log.1"))  # as supervisord rotates
+    with path.open("a") as fh:
+        fh.write("after 1\n")
+    wait_for(lambda: len(logs.all(service="worker")) == 4, timeout=15, what="lines across rotation")
+    # a restarted aggregator goes on where it left off: no line twice
+    logs.stop()
+    with path.open("a") as fh:
+        fh.write("after 2\n")
+    logs.start()
+    wait_for(
+        lambda: len(logs.all(service="worker")) == 5, timeout=15, what="the line after restart"
+    )
+    messages = sorted(r["message"] for r in logs.all(service="worker"))
+    assert messages == ["after 1", "after 2", "before 1", "before 2", "before 3"]
+
+
+def test_aggregator_killed_while_sink_logs_loses_and_duplicates_nothing(
+    logging_factory: Callable[..., LoggingServer],
+) -> None:
+    logs = logging_factory()
+    sink = AggregatorSink(logs.url)
+    total = 3000
+    for n in range(total):
+        sink.push(
+            {
+                "time": datetime.now(UTC).isoformat(),
+                "service": "s",
+                "level": "info",
+                "message": f"m{n}",
+            }
+        )
+        if n == 1000:
+            logs.kill9()
+        if n == 2000:
+            logs.start()
+    sink.close(timeout=60)
+    assert sink.pending() == 0
+    assert sink.dropped == 0
+    messages = [r["message"] for r in logs.all(service="s")]
+    assert len(messages) == total
+    assert set(messages) == {f"m{n}" for n in range(total)}
