@@ -102,6 +102,8 @@ class KubernetesSettings:
 class DockerSettings:
     host: str = ""
     """Docker engine address; empty means the engine's default socket."""
+    suite_label: str = "binder"
+    """Value of the ``binder.suite`` label on this suite's containers (one suite per engine)."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,12 @@ def build_backend(settings: Settings) -> Backend:
         return LocalBackend(
             state_dir=settings.home / "run" / "local", log_dir=settings.home / "logs" / "apps"
         )
+    if settings.deploy.backend == "docker":
+        from services.deploy_kubernetes.backends.docker import DockerBackend
+
+        return DockerBackend(
+            host=settings.deploy.docker.host, suite=settings.deploy.docker.suite_label
+        )
     raise ConfigError(f"backend {settings.deploy.backend!r} is not available in this build")
 
 
