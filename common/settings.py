@@ -96,6 +96,8 @@ class KubernetesSettings:
     """Path of a kubeconfig; empty means in-cluster config, then the default kubeconfig."""
     namespace: str = "binder"
     """Namespace the deployments' pods live in."""
+    suite_label: str = "binder"
+    """Value of the ``binder.suite`` label on this suite's pods."""
 
 
 @dataclass(frozen=True)

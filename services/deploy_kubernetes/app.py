@@ -37,6 +37,13 @@ def build_backend(settings: Settings) -> Backend:
         return DockerBackend(
             host=settings.deploy.docker.host, suite=settings.deploy.docker.suite_label
         )
+    if settings.deploy.backend == "kubernetes":
+        from services.deploy_kubernetes.backends.kubernetes import KubernetesBackend
+
+        k = settings.deploy.kubernetes
+        return KubernetesBackend(
+            kubeconfig=k.kubeconfig, namespace=k.namespace, suite=k.suite_label
+        )
     raise ConfigError(f"backend {settings.deploy.backend!r} is not available in this build")
 
 

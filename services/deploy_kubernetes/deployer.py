@@ -278,11 +278,15 @@ class Deployer:
             self.pool_wakeup.set()
 
     async def _await_route(self, dep: Deployment, deadline: float) -> None:
-        """The route works once the proxy answers it with the app's own answer."""
+        """The route works once the proxy serves it (answers it with anything but its 404).
+
+        The app itself was found ready by the backend: by its own answer (local, docker) or by
+        its Pod's readiness probe (kubernetes, where the pod network may not reach this host).
+        """
         interval = 0.01
         while True:
             code = await self.proxy.public_get(dep.route + "/")
-            if code and code not in (404, 502, 503):
+            if code and code != 404:
                 return
             if time.monotonic() > deadline:
                 raise LaunchError(f"the proxy does not serve {dep.route} (last answer {code})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,7 +55,7 @@ class Observed:
     template: str | None = None
 
 
-Notify = Callable[[Observed], Awaitable[None]]
+Notify = Callable[[Observed], Coroutine[Any, Any, None]]
 """Called by a backend when one of its objects changes state on its own (an app exited)."""
 
 
