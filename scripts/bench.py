@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import signal
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import Database, DeployServer, LoggingServer, Proxy, free_port, wait_for  # noqa: E402
+from harness import Database, DeployServer, LoggingServer, Proxy, free_port, wait_for
 
 
 def pct(values: list[float], q: float) -> float:
@@ -37,11 +37,12 @@ def report(name: str, figures: dict[str, float | int | str], targets: dict[str, 
 
 
 @contextmanager
-def suite(**deploy: object) -> Iterator[DeployServer]:
+def suite(extra: str = "", **deploy: object) -> Iterator[DeployServer]:
     work = Path(tempfile.mkdtemp(prefix="binder-bench-"))
     db = Database(work).start()
     proxy = Proxy(work).start()
     server = DeployServer(work, db, proxy, **deploy)
+    server.config.write_text(server.config.read_text() + extra)
     try:
         yield server.start()
     finally:
@@ -54,22 +55,51 @@ def suite(**deploy: object) -> Iterator[DeployServer]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _launch_once(client: httpx.Client, server: DeployServer) -> float:
+def _launch_once(client: httpx.Client, server: DeployServer, template: str = "example") -> float:
     start = time.perf_counter()
-    dep_id = client.post("/applications/example").json()["id"]
+    dep_id = client.post(f"/applications/{template}").json()["id"]
     while True:
-        info = client.get(f"/applications/example/{dep_id}").json()
+        info = client.get(f"/applications/{template}/{dep_id}").json()
         if info["status"] != "deploying":
             break
         time.sleep(0.002)
     elapsed = time.perf_counter() - start
     if info["status"] != "deployed":
         raise SystemExit(f"launch failed: {info}")
-    client.delete(f"/applications/example/{dep_id}", headers=server.auth)
+    client.delete(f"/applications/{template}/{dep_id}", headers=server.auth)
     return elapsed
 
 
-def bench_launch(runs: int) -> None:
+def _api_calls(client: httpx.Client) -> dict[str, float]:
+    calls = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("binder_backend_api_calls_total{"):
+            verb = line.split('verb="', 1)[1].split('"', 1)[0]
+            calls[verb] = float(line.rsplit(" ", 1)[1])
+    return calls
+
+
+DOCKER_TEMPLATE = {
+    "image-source": "binder-busybox:test",
+    "port": 8888,
+    "command": [
+        "/bin/sh",
+        "-c",
+        "mkdir -p /www{base_url} && echo ok > /www{base_url}index.html "
+        "&& exec httpd -f -p {port} -h /www",
+    ],
+}
+KUBE_TEMPLATE = {
+    "image-source": "binder/example:1",
+    "port": 8888,
+    "command": ["python3", "-m", "http.server", "{port}"],
+    "limits": {"memory": "128Mi", "cpu": "100m"},
+}
+
+
+def bench_launch(runs: int, backend: str) -> None:
+    if backend != "local":
+        return bench_launch_container(runs, backend)
     print(f"launch latency, POST -> deployed, {runs} launches of `example` (local backend)")
     with (
         suite(cull_interval_seconds=3600) as server,
@@ -96,6 +126,58 @@ def bench_launch(runs: int) -> None:
     report(
         "launch", figures, {"unpooled_p50_ms": "(target < 1000)", "pooled_p50_ms": "(target < 50)"}
     )
+
+
+def bench_launch_container(runs: int, backend: str) -> None:
+    root = Path(__file__).resolve().parent
+    extra = ""
+    if backend == "docker":
+        subprocess.run([str(root / "docker-engine"), "start"], check=True)
+        template = DOCKER_TEMPLATE
+    else:
+        out = subprocess.run(
+            [str(root / "kube-testenv"), "start"], check=True, text=True, stdout=subprocess.PIPE
+        ).stdout
+        kubeconfig = out.strip().splitlines()[-1].removeprefix("KUBECONFIG=")
+        from kubernetes import client as kclient
+        from kubernetes import config as kconfig
+
+        namespace = f"binder-bench-{os.getpid()}"
+        api = kclient.CoreV1Api(kconfig.new_client_from_config(config_file=kubeconfig))
+        api.create_namespace({"metadata": {"name": namespace}})
+        wait_for(lambda: api.read_namespaced_service_account("default", namespace), timeout=30)
+        extra = f'[deploy.kubernetes]\nkubeconfig = "{kubeconfig}"\nnamespace = "{namespace}"\n'
+        template = KUBE_TEMPLATE
+    print(f"launch latency, POST -> deployed, {runs} launches on the {backend} backend")
+    with (
+        suite(cull_interval_seconds=3600, backend=backend, extra=extra) as server,
+        httpx.Client(base_url=server.url, timeout=60) as c,
+    ):
+        c.put("/templates/bench", json=template, headers=server.auth).raise_for_status()
+        _launch_once(c, server, "bench")  # warm-up
+        before = _api_calls(c)
+        latencies = [_launch_once(c, server, "bench") for _ in range(runs)]
+        after = _api_calls(c)
+    if backend == "kubernetes":
+        api.delete_namespace(namespace)
+    delta = {verb: (after.get(verb, 0) - before.get(verb, 0)) / runs for verb in after}
+    writes = sum(
+        v
+        for k, v in delta.items()
+        if k in ("create", "delete", "patch", "replace", "run", "remove")
+    )
+    figures: dict[str, float | int | str] = {
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p95_ms": pct(latencies, 0.95) * 1000,
+        "api_calls_per_launch": sum(delta.values()),
+        "api_writes_per_launch": writes,
+        "list_calls_per_launch": delta.get("list", 0) + delta.get("watch", 0),
+    }
+    targets = {
+        "p50_ms": "(target < 1500)" if backend == "kubernetes" else "",
+        "api_writes_per_launch": "(target <= 6; create + delete)",
+    }
+    report(f"launch-{backend}", figures, targets)
 
 
 WRK_SCRIPT = """
@@ -193,7 +275,8 @@ def bench_logs(lines: int) -> None:
                     f"{logs.url}/logs", params={"app": apps[n % len(apps)], "limit": 100}
                 )
                 latencies.append(time.perf_counter() - t)
-                assert r.status_code == 200 and len(r.json()["records"]) == 100
+                if r.status_code != 200 or len(r.json()["records"]) != 100:
+                    raise SystemExit(f"query answered {r.status_code}: {r.text[:200]}")
     finally:
         logs.stop()
         db.stop()
@@ -258,7 +341,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
     launch = sub.add_parser("launch")
-    launch.add_argument("--runs", type=int, default=50)
+    launch.add_argument("--runs", type=int, default=None, help="50 (local) or 30 (containers)")
+    launch.add_argument("--backend", choices=["local", "docker", "kubernetes"], default="local")
     status = sub.add_parser("status")
     status.add_argument("--seconds", type=int, default=10)
     logs = sub.add_parser("logs")
@@ -268,7 +352,8 @@ def main() -> None:
     sub.add_parser("all")
     args = parser.parse_args()
     if args.what in ("launch", "all"):
-        bench_launch(getattr(args, "runs", 50))
+        backend = getattr(args, "backend", "local")
+        bench_launch(getattr(args, "runs", None) or (50 if backend == "local" else 30), backend)
     if args.what in ("status", "all"):
         bench_status(getattr(args, "seconds", 10))
     if args.what in ("logs", "all"):

@@ -114,6 +114,7 @@ class FakeBackend:
         self.calls: list[tuple[str, str]] = []
         self.fail_with: str | None = None
         self.notify: Notify | None = None
+        self.api_calls: dict[str, int] = {}
 
     async def open(self, notify: Notify) -> None:
         self.notify = notify

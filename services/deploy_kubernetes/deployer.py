@@ -24,7 +24,7 @@ from services.deploy_kubernetes.errors import (
     NoRecordError,
     NoTemplateError,
 )
-from services.deploy_kubernetes.metrics import Metrics
+from services.deploy_kubernetes.metrics import BackendCalls, Metrics
 from services.deploy_kubernetes.models import (
     Deployment,
     Status,
@@ -68,6 +68,7 @@ class Deployer:
         self._watchers: dict[str, set[asyncio.Queue[Deployment]]] = {}
         self._capacity_lock = asyncio.Lock()
         self.pool_wakeup = asyncio.Event()
+        metrics.registry.register(BackendCalls(lambda: dict(backend.api_calls)))
 
     # --- the in-memory view -------------------------------------------------------------------
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
@@ -37,3 +41,18 @@ class Metrics:
         )
         self.culls = Counter("binder_culls", "Deployments culled", ["why"], registry=self.registry)
         self.errors = Counter("binder_errors", "Errors by type", ["type"], registry=self.registry)
+
+
+class BackendCalls(Collector):
+    """``binder_backend_api_calls_total{verb}``, read from the backend's own count."""
+
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "binder_backend_api_calls", "Calls to the backend's API", labels=["verb"]
+        )
+        for verb, count in sorted(self._read().items()):
+            family.add_metric([verb], count)
+        yield family

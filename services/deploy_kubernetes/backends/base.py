@@ -63,6 +63,8 @@ class Backend(Protocol):
     """A place that runs templates: local processes, Docker containers, Kubernetes pods."""
 
     name: str
+    api_calls: dict[str, int]
+    """Calls made to the backend's API by verb (empty where there is no API), for /metrics."""
 
     async def open(self, notify: Notify) -> None:
         """Connect; ``notify`` is called whenever an object exits or vanishes on its own."""

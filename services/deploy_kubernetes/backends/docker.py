@@ -68,8 +68,11 @@ class DockerBackend:
         self._preloads: dict[str, str] = {}
         self._pulls: set[asyncio.Task[None]] = set()
         self._closing = threading.Event()
+        self.api_calls: dict[str, int] = {}
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        verb = getattr(fn, "__name__", "call")
+        self.api_calls[verb] = self.api_calls.get(verb, 0) + 1
         try:
             return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
         except docker.errors.DockerException as exc:

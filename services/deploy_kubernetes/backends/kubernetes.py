@@ -152,8 +152,8 @@ class KubernetesBackend:
         self._api: Any = None
         self._apps: Any = None
         self._client_config: Any = None
-        self.writes = 0
-        """API writes made (creates and deletes), for the benchmark."""
+        self.api_calls: dict[str, int] = {}
+        """Calls made to the API server by verb (the watch's re-lists included)."""
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -169,6 +169,8 @@ class KubernetesBackend:
         return cfg
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        verb = fn.__name__.split("_", 1)[0]
+        self.api_calls[verb] = self.api_calls.get(verb, 0) + 1
         try:
             return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
         except ApiException as exc:
@@ -203,6 +205,7 @@ class KubernetesBackend:
         delay = 0.2
         while not self._closing.is_set():
             try:
+                self.api_calls["watch"] = self.api_calls.get("watch", 0) + 1
                 listed = api.list_namespaced_pod(self.namespace, label_selector=self._selector)
                 seen = {view(p).id: view(p) for p in listed.items}
                 for dep_id in set(self._pods) - set(seen):  # deleted while we were not watching
@@ -275,7 +278,6 @@ class KubernetesBackend:
                 raise LaunchError(
                     f"Kubernetes refused the pod: {exc.reason} {exc.body}"[:500]
                 ) from exc
-        self.writes += 1
         ref = {"pod": pod_name(spec.id), "namespace": self.namespace}
         return Observed(spec.id, State.STARTING, None, ref, None, spec.template.name)
 
@@ -312,7 +314,6 @@ class KubernetesBackend:
                 self.namespace,
                 grace_period_seconds=5,
             )
-            self.writes += 1
         except ApiException as exc:
             if exc.status != 404:
                 raise BadBackendError(

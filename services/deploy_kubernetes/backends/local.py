@@ -83,6 +83,7 @@ class LocalBackend:
         self._notify: Notify | None = None
         self._stopping: set[str] = set()
         self._exit_codes: dict[str, int] = {}
+        self.api_calls: dict[str, int] = {}
 
     async def open(self, notify: Notify) -> None:
         self._state_dir.mkdir(parents=True, exist_ok=True)
