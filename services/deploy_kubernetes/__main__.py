@@ -11,11 +11,11 @@ import asyncio
 import sys
 from pathlib import Path
 
-import uvicorn
 from loguru import logger
 
 from common.errors import BinderError
 from common.logs import configure_logging
+from common.serve import serve
 from common.settings import load_settings
 from services.deploy_kubernetes.app import create_app, stop_apps
 from services.logging.sink import AggregatorSink
@@ -63,13 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         settings.deploy.backend,
     )
     try:
-        uvicorn.run(
+        serve(
             create_app(settings),
             host=settings.deploy.host,
             port=settings.deploy.port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=5,
+            grace_seconds=5,
         )
     finally:
         sink.close()

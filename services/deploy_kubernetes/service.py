@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import tomllib
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 import anyio
 from loguru import logger
 
+from common.background import Background
 from services.deploy_kubernetes.culler import Culler, Keeper
 from services.deploy_kubernetes.deployer import Deployer
 from services.deploy_kubernetes.errors import BinderError, MalformedRequestError
@@ -54,17 +51,14 @@ class Service:
         self.culler = Culler(deployer, interval=cull_interval, max_age_seconds=max_age_seconds)
         self.keeper = Keeper(deployer, interval=keeper_interval)
         self.ready = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._background = Background()
 
     def health(self) -> dict[str, str]:
         return {**self.keeper.healthy, "reconciled": "ok" if self.ready else "pending"}
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(coro))
-
     async def start(self) -> None:
         await self.deployer.backend.open(self.deployer.on_backend_event)
-        self._spawn(self._start_when_reachable())
+        self._background.spawn(self._start_when_reachable())
 
     async def _start_when_reachable(self) -> None:
         """Seed templates and reconcile once the database and proxy answer, then run the loops."""
@@ -82,17 +76,13 @@ class Service:
                 await anyio.sleep(RETRY_SECONDS)
         self.ready = True
         await self.keeper.check_once()
-        self._spawn(self.keeper.run())
-        self._spawn(self.culler.run())
-        self._spawn(self.pools.run())
+        self._background.spawn(self.keeper.run())
+        self._background.spawn(self.culler.run())
+        self._background.spawn(self.pools.run())
         logger.info("deploy server ready with {} templates", len(self.deployer.templates))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.cancel_all()
         await self.deployer.close()
         await self.deployer.backend.close()
         await self.deployer.proxy.aclose()

@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import uvicorn
 from loguru import logger
 
 from common.errors import BinderError
 from common.logs import configure_logging
+from common.serve import serve
 from common.settings import load_settings
 from services.logging.app import create_app
 
@@ -29,13 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     configure_logging("logging")
     logger.info("log aggregator on {}:{}", settings.logging.host, settings.logging.port)
-    uvicorn.run(
+    serve(
         create_app(settings),
         host=settings.logging.host,
         port=settings.logging.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=3,
+        grace_seconds=3,
     )
     return 0
 

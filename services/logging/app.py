@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from common.background import Background
 from common.errors import BinderError, MalformedRequestError
 from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS, metrics_response, read_body
@@ -62,7 +62,7 @@ class Aggregator:
         )
         self.retention_interval = retention_interval
         self.healthy = "unknown"
-        self._tasks: list[asyncio.Task[None]] = []
+        self._background = Background()
 
     async def publish(self, records: list[dict[str, Any]]) -> None:
         for filters, queue in list(self.subscribers):
@@ -70,11 +70,8 @@ class Aggregator:
                 if filters.matches(record) and queue.qsize() < STREAM_QUEUE:
                     queue.put_nowait(record)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(coro))
-
     async def start(self) -> None:
-        self._spawn(self._run())
+        self._background.spawn(self._run())
 
     async def _run(self) -> None:
         while True:
@@ -86,9 +83,9 @@ class Aggregator:
                 logger.warning("waiting for the database: {}", exc.message)
                 await anyio.sleep(1.0)
         self.healthy = "ok"
-        self._spawn(self.tailer.run())
-        self._spawn(self._retention())
-        self._spawn(self._watch_health())
+        self._background.spawn(self.tailer.run())
+        self._background.spawn(self._retention())
+        self._background.spawn(self._watch_health())
 
     async def _watch_health(self) -> None:
         while True:
@@ -115,11 +112,7 @@ class Aggregator:
         return removed
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.cancel_all()
         await self.store.close()
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 from loguru import logger
 
+from common.background import Background
 from services.deploy_kubernetes.backends.base import (
     LaunchSpec,
     Notify,
@@ -79,7 +80,7 @@ class LocalBackend:
         self._host = host
         self._python = python
         self._children: dict[str, asyncio.subprocess.Process] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Background()
         self._notify: Notify | None = None
         self._stopping: set[str] = set()
         self._exit_codes: dict[str, int] = {}
@@ -89,20 +90,13 @@ class LocalBackend:
         self._state_dir.mkdir(parents=True, exist_ok=True)
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self._notify = notify
-        self._spawn_task(self._watch_adopted())
+        self._background.spawn(self._watch_adopted())
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        self._tasks.clear()
+        await self._background.cancel_all()
 
     async def ping(self) -> None:
         return None
-
-    def _spawn_task(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _pidfile(self, dep_id: str) -> Path:
         return self._state_dir / f"{dep_id}.json"
@@ -153,7 +147,7 @@ class LocalBackend:
         tmp.write_text(json.dumps(ref))
         tmp.replace(self._pidfile(spec.id))
         self._children[spec.id] = proc
-        self._spawn_task(self._reap(spec.id, proc, ref))
+        self._background.spawn(self._reap(spec.id, proc, ref))
         logger.bind(id=spec.id, template=template.name).info(
             "started pid {} on port {}", proc.pid, port
         )
