@@ -12,6 +12,7 @@ import httpx
 import pytest
 from harness import ROOT, DeployServer, Proxy, wait_for
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 TEMPLATE = {
     "image-source": "binder/example:1",
@@ -45,11 +46,15 @@ def namespace(kube: tuple[str, Any]) -> Iterator[str]:
     core = client.CoreV1Api(kube[1])
     name = f"binder-test-{secrets.token_hex(4)}"
     core.create_namespace({"metadata": {"name": name}})
-    wait_for(
-        lambda: core.read_namespaced_service_account("default", name),
-        timeout=30,
-        what="the namespace's default service account",
-    )
+
+    def has_account() -> bool:
+        try:
+            core.read_namespaced_service_account("default", name)
+        except ApiException:
+            return False
+        return True
+
+    wait_for(has_account, timeout=60, what="the namespace's default service account")
     yield name
     core.delete_namespace(name)
 
