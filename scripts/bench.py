@@ -145,7 +145,14 @@ def bench_launch_container(runs: int, backend: str) -> None:
         namespace = f"binder-bench-{os.getpid()}"
         api = kclient.CoreV1Api(kconfig.new_client_from_config(config_file=kubeconfig))
         api.create_namespace({"metadata": {"name": namespace}})
-        wait_for(lambda: api.read_namespaced_service_account("default", namespace), timeout=30)
+        from kubernetes.client.exceptions import ApiException
+
+        wait_for(
+            lambda: api.read_namespaced_service_account("default", namespace),
+            timeout=60,
+            ignore=(ApiException,),
+            what="the namespace's default service account",
+        )
         extra = f'[deploy.kubernetes]\nkubeconfig = "{kubeconfig}"\nnamespace = "{namespace}"\n'
         template = KUBE_TEMPLATE
     print(f"launch latency, POST -> deployed, {runs} launches on the {backend} backend")

@@ -35,14 +35,17 @@ def wait_for(
     timeout: float = 20.0,
     interval: float = 0.05,
     what: str = "condition",
+    ignore: tuple[type[Exception], ...] = (),
 ) -> Any:
-    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    Connection errors, and the exceptions in ``ignore``, count as "not yet"."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         try:
             last = check()
-        except (httpx.HTTPError, OSError) as exc:
+        except (httpx.HTTPError, OSError, *ignore) as exc:
             last = exc
         else:
             if last:

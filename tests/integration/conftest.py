@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Database, DeployServer, Proxy
+from harness import ROOT, Database, DeployServer, Proxy, wait_for
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +63,37 @@ def deploy_factory(
 @pytest.fixture
 def deploy(deploy_factory: Callable[..., DeployServer]) -> DeployServer:
     return deploy_factory().start()
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    script = ROOT / "scripts" / "kube-testenv"
+    was_running = subprocess.run([str(script), "status"], capture_output=True).returncode == 0
+    result = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        pytest.fail(
+            f"the Kubernetes test control plane did not start (scripts/kube-testenv start):\n"
+            f"{result.stderr[-3000:]}"
+        )
+    kubeconfig = result.stdout.strip().splitlines()[-1].removeprefix("KUBECONFIG=")
+    api_client = config.new_client_from_config(config_file=kubeconfig)
+    yield kubeconfig, api_client
+    api_client.close()
+    if not was_running:
+        subprocess.run([str(script), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def namespace(kube: tuple[str, Any]) -> Iterator[str]:
+    core = client.CoreV1Api(kube[1])
+    name = f"binder-test-{secrets.token_hex(4)}"
+    core.create_namespace({"metadata": {"name": name}})
+
+    wait_for(
+        lambda: core.read_namespaced_service_account("default", name),
+        timeout=60,
+        what="the namespace's default service account",
+        ignore=(ApiException,),
+    )
+    yield name
+    core.delete_namespace(name)

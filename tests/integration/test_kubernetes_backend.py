@@ -3,16 +3,14 @@ kube-scheduler, kube-controller-manager built from source, kwok simulating two n
 
 from __future__ import annotations
 
-import secrets
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 from harness import ROOT, DeployServer, Proxy, wait_for
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
+from kubernetes import client
 
 TEMPLATE = {
     "image-source": "binder/example:1",
@@ -21,42 +19,6 @@ TEMPLATE = {
     "limits": {"memory": "128Mi", "cpu": "250m"},
     "env": {"GREETING": "hello"},
 }
-
-
-@pytest.fixture(scope="session")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
-    script = ROOT / "scripts" / "kube-testenv"
-    was_running = subprocess.run([str(script), "status"], capture_output=True).returncode == 0
-    result = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=3600)
-    if result.returncode != 0:
-        pytest.fail(
-            f"the Kubernetes test control plane did not start (scripts/kube-testenv start):\n"
-            f"{result.stderr[-3000:]}"
-        )
-    kubeconfig = result.stdout.strip().splitlines()[-1].removeprefix("KUBECONFIG=")
-    api_client = config.new_client_from_config(config_file=kubeconfig)
-    yield kubeconfig, api_client
-    api_client.close()
-    if not was_running:
-        subprocess.run([str(script), "stop"], capture_output=True, timeout=120)
-
-
-@pytest.fixture
-def namespace(kube: tuple[str, Any]) -> Iterator[str]:
-    core = client.CoreV1Api(kube[1])
-    name = f"binder-test-{secrets.token_hex(4)}"
-    core.create_namespace({"metadata": {"name": name}})
-
-    def has_account() -> bool:
-        try:
-            core.read_namespaced_service_account("default", name)
-        except ApiException:
-            return False
-        return True
-
-    wait_for(has_account, timeout=60, what="the namespace's default service account")
-    yield name
-    core.delete_namespace(name)
 
 
 @pytest.fixture

@@ -144,6 +144,7 @@ class KubernetesBackend:
         self._suite = suite
         self._selector = f"{SUITE_LABEL}={suite}"
         self._pods: dict[str, PodView] = {}
+        self._deleting: set[str] = set()
         self._changed: dict[str, asyncio.Event] = {}
         self._closing = threading.Event()
         self._synced = threading.Event()
@@ -261,6 +262,9 @@ class KubernetesBackend:
         if event is not None:
             event.set()
         was_running = before is not None and before.failure is None
+        if pod.gone and pod.id in self._deleting:  # our own deletion: nobody to tell
+            self._deleting.discard(pod.id)
+            return
         if self._notify is not None and pod.failure and (was_running or pod.gone):
             obs = Observed(
                 pod.id, State.EXITED, None, {"pod": pod_name(pod.id)}, pod.failure, pod.template
@@ -307,6 +311,7 @@ class KubernetesBackend:
             self._changed.pop(spec.id, None)
 
     async def stop(self, dep_id: str, ref: dict[str, Any]) -> None:
+        self._deleting.add(dep_id)
         try:
             await self._call(
                 self._api.delete_namespaced_pod,
@@ -315,6 +320,7 @@ class KubernetesBackend:
                 grace_period_seconds=5,
             )
         except ApiException as exc:
+            self._deleting.discard(dep_id)
             if exc.status != 404:
                 raise BadBackendError(
                     f"Kubernetes refused to delete the pod: {exc.reason}"
@@ -327,8 +333,8 @@ class KubernetesBackend:
         out = []
         for pod in listed.items:
             v = view(pod)
-            if not v.id:
-                continue
+            if not v.id or pod.metadata.deletion_timestamp is not None:
+                continue  # not ours, or already on its way out
             state = State.EXITED if v.failure else State.RUNNING if v.ready else State.STARTING
             target = None
             if v.ip:
