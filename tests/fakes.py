@@ -9,7 +9,12 @@ from datetime import datetime
 from typing import Any
 
 from services.deploy_kubernetes.backends.base import LaunchSpec, Notify, Observed, State
-from services.deploy_kubernetes.errors import BadDatabaseError, BadProxyError, LaunchError
+from services.deploy_kubernetes.errors import (
+    BadBackendError,
+    BadDatabaseError,
+    BadProxyError,
+    LaunchError,
+)
 from services.deploy_kubernetes.models import Deployment, Status, Template
 
 ACTIVE = (Status.DEPLOYING, Status.DEPLOYED)
@@ -113,6 +118,7 @@ class FakeBackend:
         self.running: dict[str, Observed] = {}
         self.calls: list[tuple[str, str]] = []
         self.fail_with: str | None = None
+        self.down = False
         self.notify: Notify | None = None
         self.api_calls: dict[str, int] = {}
 
@@ -123,7 +129,8 @@ class FakeBackend:
         return None
 
     async def ping(self) -> None:
-        return None
+        if self.down:
+            raise BadBackendError("backend unreachable: fake outage")
 
     async def launch(self, spec: LaunchSpec) -> Observed:
         self.calls.append(("launch", spec.id))

@@ -66,7 +66,11 @@ class Keeper:
     def __init__(self, deployer: Deployer, *, interval: float = 2.0) -> None:
         self.deployer = deployer
         self.interval = interval
-        self.healthy: dict[str, str] = {"database": "unknown", "proxy": "unknown"}
+        self.healthy: dict[str, str] = {
+            "database": "unknown",
+            "proxy": "unknown",
+            "backend": "unknown",
+        }
 
     async def run(self) -> None:
         while True:
@@ -77,6 +81,7 @@ class Keeper:
         d = self.deployer
         self.healthy["database"] = await _probe(d.store.ping())
         self.healthy["proxy"] = await _probe(d.proxy.ping())
+        self.healthy["backend"] = await _probe(d.backend.ping())
         if self.healthy["database"] != "ok":
             return
         try:

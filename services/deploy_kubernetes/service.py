@@ -11,7 +11,12 @@ from loguru import logger
 from common.background import Background
 from services.deploy_kubernetes.culler import Culler, Keeper
 from services.deploy_kubernetes.deployer import Deployer
-from services.deploy_kubernetes.errors import BinderError, MalformedRequestError
+from services.deploy_kubernetes.errors import (
+    BadBackendError,
+    BadProxyError,
+    BinderError,
+    MalformedRequestError,
+)
 from services.deploy_kubernetes.models import Template, parse_template
 from services.deploy_kubernetes.pools import Pools
 from services.deploy_kubernetes.reconcile import reconcile
@@ -55,6 +60,16 @@ class Service:
 
     def health(self) -> dict[str, str]:
         return {**self.keeper.healthy, "reconciled": "ok" if self.ready else "pending"}
+
+    def check_launchable(self) -> None:
+        """Refuse a launch at once (503) while the proxy or the backend is known to be down."""
+        state = self.keeper.healthy
+        if state["backend"] not in ("ok", "unknown"):
+            raise BadBackendError(
+                f"the {self.deployer.backend.name} backend is unreachable: {state['backend']}"
+            )
+        if state["proxy"] not in ("ok", "unknown"):
+            raise BadProxyError(f"the proxy is unreachable: {state['proxy']}")
 
     async def start(self) -> None:
         await self.deployer.backend.open(self.deployer.on_backend_event)

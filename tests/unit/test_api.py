@@ -144,3 +144,25 @@ def test_metrics_count_launches(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert 'binder_launches_total{template="example"} 1.0' in text
     assert "binder_launch_latency_seconds_bucket" in text
+
+
+def test_backend_or_proxy_outage_refuses_launches_with_503(
+    client: TestClient, parts: tuple
+) -> None:
+    _, backend, proxy = parts
+    backend.down = True
+    wait_for(lambda: client.get("/health").status_code == 503, timeout=5, what="health to drop")
+    response = client.post("/applications/example")
+    assert (response.status_code, response.json()["type"]) == (503, "badBackend")
+    backend.down = False
+    wait_for(lambda: client.get("/health").status_code == 200, timeout=5, what="recovery")
+    proxy.down = True
+    wait_for(
+        lambda: client.post("/applications/example").status_code == 503,
+        timeout=5,
+        what="launches refused while the proxy is down",
+    )
+    assert client.post("/applications/example").json()["type"] == "badProxy"
+    proxy.down = False
+    wait_for(lambda: client.get("/health").status_code == 200, timeout=5, what="recovery")
+    assert client.post("/applications/example").status_code == 200
