@@ -5,6 +5,7 @@ Control never imports the services: it knows them as commands and health URLs on
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import shutil
 import socket
@@ -73,6 +74,13 @@ def db_command(settings: Settings) -> tuple[str, ...]:
     )
 
 
+def _digest(settings: Settings, *sections: str) -> dict[str, str]:
+    """A digest of the config sections a service reads, put in its environment so that its
+    supervisord section changes (and only it restarts) when one of them changes."""
+    parts = [repr(getattr(settings, name)) for name in sections]
+    return {"BINDER_CONFIG_DIGEST": hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]}
+
+
 def declare(settings: Settings, effective_config: Path) -> list[Service]:
     """Every service the suite runs with these settings, in start order."""
     config = ("--config", str(effective_config), "--home", str(settings.home))
@@ -90,6 +98,7 @@ def declare(settings: Settings, effective_config: Path) -> list[Service]:
             (_python(), "-m", "services.logging", *config),
             ((settings.logging.host, settings.logging.port),),
             ready_url=f"{settings.logging.url}/health",
+            env=_digest(settings, "db", "logging"),
         )
     )
     p = settings.proxy
@@ -124,6 +133,7 @@ def declare(settings: Settings, effective_config: Path) -> list[Service]:
             ((d.host, d.port),),
             ready_url=f"http://{host}:{d.port}/health",
             secrets=("BINDER_API_KEY", "CONFIGPROXY_AUTH_TOKEN"),
+            env=_digest(settings, "db", "proxy", "logging", "deploy"),
         )
     )
     return out

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         serve(
-            create_app(settings),
+            create_app(settings, collectors=(sink.collector(),)),
             host=settings.deploy.host,
             port=settings.deploy.port,
             grace_seconds=5,

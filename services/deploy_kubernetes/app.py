@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 
 from common.errors import ConfigError
@@ -54,8 +55,11 @@ def create_app(
     store: Store | None = None,
     proxy: Proxy | None = None,
     keeper_interval: float = 2.0,
+    collectors: tuple[Collector, ...] = (),
 ) -> Starlette:
-    """The deploy API; ``backend``, ``store`` and ``proxy`` default to the configured real ones."""
+    """The deploy API; ``backend``, ``store`` and ``proxy`` default to the configured real ones.
+
+    ``collectors`` are added to its /metrics (the log sink's dropped-records count)."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -68,7 +72,7 @@ def create_app(
                 token=settings.proxy.token,
                 public_url=settings.proxy.public_url,
             ),
-            metrics=Metrics(),
+            metrics=Metrics(*collectors),
             public_host=settings.public_host,
             max_deployments=settings.deploy.max_deployments,
             default_cull_timeout_ms=settings.deploy.default_cull_timeout_ms,

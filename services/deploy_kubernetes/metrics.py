@@ -12,8 +12,10 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *collectors: Collector) -> None:
         self.registry = CollectorRegistry()
+        for collector in collectors:
+            self.registry.register(collector)
         self.launches = Counter(
             "binder_launches", "Launch requests accepted", ["template"], registry=self.registry
         )

@@ -3,7 +3,7 @@
 Records go into a bounded buffer; a daemon thread posts them in batches to ``POST /logs``,
 retrying while the aggregator is down. Each record carries a unique ``rid`` so that a batch sent
 twice (an answer lost in a restart) is stored once. When the buffer is full the oldest records are
-dropped and counted (``binder_log_records_dropped``).
+dropped and counted (``binder_log_records_dropped_total``, see :meth:`AggregatorSink.collector`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from common.logs import record_to_dict
 
@@ -26,9 +28,7 @@ RETRY_MAX_SECONDS = 5.0
 
 
 class AggregatorSink:
-    def __init__(
-        self, url: str, *, capacity: int = 50_000, registry: CollectorRegistry | None = None
-    ) -> None:
+    def __init__(self, url: str, *, capacity: int = 50_000) -> None:
         self._url = url.rstrip("/") + "/logs"
         self._buffer: deque[dict[str, Any]] = deque()
         self._capacity = capacity
@@ -37,15 +37,6 @@ class AggregatorSink:
         self._closed = threading.Event()
         self.dropped = 0
         self.sent = 0
-        self._dropped_metric = (
-            Counter(
-                "binder_log_records_dropped",
-                "Log records dropped because the buffer was full",
-                registry=registry,
-            )
-            if registry is not None
-            else None
-        )
         self._thread = threading.Thread(target=self._run, name="log-sink", daemon=True)
         self._thread.start()
 
@@ -58,11 +49,23 @@ class AggregatorSink:
             if len(self._buffer) >= self._capacity:
                 self._buffer.popleft()
                 self.dropped += 1
-                if self._dropped_metric is not None:
-                    self._dropped_metric.inc()
             self._buffer.append(record)
             if len(self._buffer) >= BATCH:
                 self._wake.set()
+
+    def collector(self) -> Collector:
+        """``binder_log_records_dropped_total``: records lost because the buffer was full."""
+        sink = self
+
+        class Dropped(Collector):
+            def collect(self) -> Iterator[CounterMetricFamily]:
+                yield CounterMetricFamily(
+                    "binder_log_records_dropped",
+                    "Log records dropped because the sink's buffer was full",
+                    value=sink.dropped,
+                )
+
+        return Dropped()
 
     def pending(self) -> int:
         with self._lock:

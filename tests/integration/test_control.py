@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,42 @@ def test_second_start_all_changes_nothing(control: Control) -> None:
     result = control.run("start-all", "--config", str(control.config), check=True)
     assert control.api_key in result.stdout
     assert {k: v["pid"] for k, v in control.status().items()} == before
+
+
+def test_changed_config_restarts_only_the_services_that_read_it(control: Control) -> None:
+    before = {k: v["pid"] for k, v in control.status().items()}
+    changed = control.config.parent / "changed.toml"
+    changed.write_text(
+        control.config.read_text().replace("[deploy]\n", "[deploy]\nmax_deployments = 77\n")
+    )
+    control.run("start-all", "--config", str(changed), check=True)
+    after = {k: v["pid"] for k, v in control.status().items()}
+    assert after["deploy-kubernetes"] != before["deploy-kubernetes"]
+    assert {k: after[k] for k in ("db", "logging", "proxy")} == {
+        k: before[k] for k in ("db", "logging", "proxy")
+    }
+    assert "max_deployments = 77" in control.run("config", check=True).stdout
+
+
+def test_logs_follow_prints_new_lines(control: Control) -> None:
+    argv = [str(BIN), "--home", str(control.home), "logs", "--follow", "--json", "ops"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as follower:
+        assert follower.stdout is not None
+        try:
+            deadline = time.monotonic() + 20
+            line = ""
+            while not line:  # post until the follower, once subscribed, prints the line
+                assert time.monotonic() < deadline, "logs --follow printed nothing"
+                httpx.post(
+                    f"http://127.0.0.1:{control.ports['logging']}/logs",
+                    json=[{"service": "ops", "message": "hello follower"}],
+                    timeout=5,
+                )
+                if select.select([follower.stdout], [], [], 0.5)[0]:
+                    line = follower.stdout.readline()
+            assert json.loads(line)["message"] == "hello follower"
+        finally:
+            follower.terminate()
 
 
 def test_launch_through_the_suite(control: Control) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import Database, DeployServer, LoggingServer, Proxy, wait_for
+from harness import Database, DeployServer, LoggingServer, wait_for
 
 from services.logging.sink import AggregatorSink
 
@@ -37,34 +37,30 @@ def _post(server: LoggingServer, records: list[dict[str, Any]] | str) -> httpx.R
 
 
 def test_deploy_server_sink_ships_records_queryable_by_app(
-    tmp_path: Path, logging_factory: Callable[..., LoggingServer], database: Database, proxy: Proxy
+    logging_factory: Callable[..., LoggingServer], deploy_factory: Callable[..., DeployServer]
 ) -> None:
     logs = logging_factory()
-    (tmp_path / "d").mkdir()
-    deploy = DeployServer(tmp_path / "d", database, proxy)
+    deploy = deploy_factory()
     deploy.config.write_text(
         deploy.config.read_text().replace(
             "[logging]\nport = ", f"[logging]\nport = {logs.port}\n# was "
         )
     )
     deploy.start()
-    try:
-        dep_id = deploy.launch()
-        deploy.wait_status(dep_id, "deployed")
-        records = wait_for(
-            lambda: logs.query(app=dep_id, order="oldest")["records"],
-            timeout=15,
-            what="the deploy server's records",
-        )
-        assert all(r["id"] == dep_id for r in records)
-        assert records[0]["service"] == "deploy-kubernetes"
-        wait_for(
-            lambda: any(r["message"] == "deployed" for r in logs.query(app=dep_id)["records"]),
-            timeout=15,
-            what="the 'deployed' line",
-        )
-    finally:
-        deploy.stop()
+    dep_id = deploy.launch()
+    deploy.wait_status(dep_id, "deployed")
+    records = wait_for(
+        lambda: logs.query(app=dep_id, order="oldest")["records"],
+        timeout=15,
+        what="the deploy server's records",
+    )
+    assert all(r["id"] == dep_id for r in records)
+    assert records[0]["service"] == "deploy-kubernetes"
+    wait_for(
+        lambda: any(r["message"] == "deployed" for r in logs.query(app=dep_id)["records"]),
+        timeout=15,
+        what="the 'deployed' line",
+    )
 
 
 def test_filters_and_paging_over_100000_lines(

@@ -166,3 +166,20 @@ def test_backend_or_proxy_outage_refuses_launches_with_503(
     proxy.down = False
     wait_for(lambda: client.get("/health").status_code == 200, timeout=5, what="recovery")
     assert client.post("/applications/example").status_code == 200
+
+
+def test_sink_counts_dropped_records_for_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from services.logging.sink import AggregatorSink
+
+    sink = AggregatorSink("http://127.0.0.1:9", capacity=3)  # nothing listens there
+    try:
+        for n in range(5):
+            sink.push({"service": "s", "message": f"m{n}"})
+        registry = CollectorRegistry()
+        registry.register(sink.collector())
+        assert "binder_log_records_dropped_total 2.0" in generate_latest(registry).decode()
+        assert sink.pending() == 3
+    finally:
+        sink.close(timeout=0.1)
