@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import select
 import signal
 import socket
@@ -206,6 +207,21 @@ def test_kill9_of_a_service_is_restarted_and_deployments_survive(
         lambda: control.through_proxy(dep_id) == 200, timeout=30, what="the app through the proxy"
     )
     assert control.through_proxy(control.launch()) == 200
+
+
+def test_deploy_server_alone_restarts_with_a_new_key(control: Control) -> None:
+    old, new = control.api_key, secrets.token_hex(16)
+    before = control.status()
+    control.run(
+        "deploy-kubernetes", "start", "--api-key", new, "--config", str(control.config), check=True
+    )
+    after = control.status()
+    assert after["deploy-kubernetes"]["pid"] != before["deploy-kubernetes"]["pid"]
+    assert after["db"]["pid"] == before["db"]["pid"]
+    url = f"{control.deploy_url}/applications/"
+    assert httpx.get(url, headers={"Authorization": new}).status_code == 200
+    assert httpx.get(url, headers={"Authorization": old}).status_code == 403
+    assert control.run("api-key", check=True).stdout.strip() == new
 
 
 def test_restart_one_service_keeps_the_others(control: Control) -> None:
