@@ -1,9 +1,16 @@
-"""Running a service's Starlette app under uvicorn, the same way for every service."""
+"""Entry-point plumbing shared by the services: options, settings, serving under uvicorn."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+from pathlib import Path
+
 import uvicorn
 from starlette.applications import Starlette
+
+from common.errors import BinderError
+from common.settings import Settings, load_settings
 
 
 def serve(app: Starlette, *, host: str, port: int, grace_seconds: int) -> None:
@@ -16,3 +23,26 @@ def serve(app: Starlette, *, host: str, port: int, grace_seconds: int) -> None:
         access_log=False,
         timeout_graceful_shutdown=grace_seconds,
     )
+
+
+def service_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The options every service's entry point takes: ``--config`` and ``--home``."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {prog}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="TOML file overriding the defaults")
+    parser.add_argument(
+        "--home", type=Path, help="the suite's home (default $BINDER_HOME or ~/.binder)"
+    )
+    return parser
+
+
+def settings_or_exit(name: str, args: argparse.Namespace) -> Settings:
+    """The settings those options name; a bad config exits 1 with one line on stderr."""
+    try:
+        return load_settings(args.config, home=args.home)
+    except BinderError as exc:
+        print(f"{name}: {exc.message}", file=sys.stderr)
+        raise SystemExit(1) from exc

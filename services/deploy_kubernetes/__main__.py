@@ -6,31 +6,20 @@ never from the command line.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
-from pathlib import Path
 
 from loguru import logger
 
 from common.errors import BinderError
 from common.logs import configure_logging
-from common.serve import serve
-from common.settings import load_settings
+from common.serve import serve, service_parser, settings_or_exit
 from services.deploy_kubernetes.app import create_app, stop_apps
 from services.logging.sink import AggregatorSink
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.deploy_kubernetes",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", type=Path, help="TOML file overriding the defaults")
-    parser.add_argument(
-        "--home", type=Path, help="the suite's home (default $BINDER_HOME or ~/.binder)"
-    )
+    parser = service_parser("services.deploy_kubernetes", __doc__)
     parser.add_argument(
         "--stop-apps",
         action="store_true",
@@ -38,11 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         "(used when the suite is stopped)",
     )
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config, home=args.home)
-    except BinderError as exc:
-        print(f"deploy-kubernetes: {exc.message}", file=sys.stderr)
-        return 1
+    settings = settings_or_exit("deploy-kubernetes", args)
     if args.stop_apps:
         configure_logging("deploy-kubernetes")
         try:
