@@ -43,7 +43,7 @@ async def launch(request: Request) -> Response:
     if service.launch_requires_key:
         require_key(request, service.api_key)
     body = await read_json_object(request, MAX_BODY)
-    service.check_launchable()
+    await service.check_launchable()
     if "template" in request.path_params:
         _only(body, {"cull-timeout"})
         template = request.path_params["template"]

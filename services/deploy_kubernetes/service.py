@@ -11,12 +11,7 @@ from loguru import logger
 from common.background import Background
 from services.deploy_kubernetes.culler import Culler, Keeper
 from services.deploy_kubernetes.deployer import Deployer
-from services.deploy_kubernetes.errors import (
-    BadBackendError,
-    BadProxyError,
-    BinderError,
-    MalformedRequestError,
-)
+from services.deploy_kubernetes.errors import BinderError, MalformedRequestError
 from services.deploy_kubernetes.models import Template, parse_template
 from services.deploy_kubernetes.pools import Pools
 from services.deploy_kubernetes.reconcile import reconcile
@@ -61,15 +56,18 @@ class Service:
     def health(self) -> dict[str, str]:
         return {**self.keeper.healthy, "reconciled": "ok" if self.ready else "pending"}
 
-    def check_launchable(self) -> None:
-        """Refuse a launch at once (503) while the proxy or the backend is known to be down."""
-        state = self.keeper.healthy
+    async def check_launchable(self) -> None:
+        """Refuse a launch at once (503) while the backend or the proxy is down.
+
+        The keeper's last look decides while it is good; a bad one is looked at again right
+        away, so a component that has just come back is not refused on stale news."""
+        d, state = self.deployer, self.keeper.healthy
         if state["backend"] not in ("ok", "unknown"):
-            raise BadBackendError(
-                f"the {self.deployer.backend.name} backend is unreachable: {state['backend']}"
-            )
+            await d.backend.ping()  # raises BadBackendError while it is still down
+            state["backend"] = "ok"
         if state["proxy"] not in ("ok", "unknown"):
-            raise BadProxyError(f"the proxy is unreachable: {state['proxy']}")
+            await d.proxy.ping()  # raises BadProxyError while it is still down
+            state["proxy"] = "ok"
 
     async def start(self) -> None:
         await self.deployer.backend.open(self.deployer.on_backend_event)
