@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from common.logs import record_to_dict
 
-BATCH = 1000
+BATCH = 5000
 FLUSH_SECONDS = 0.2
 RETRY_MAX_SECONDS = 5.0
 
@@ -31,6 +31,7 @@ class AggregatorSink:
     def __init__(self, url: str, *, capacity: int = 50_000) -> None:
         self._url = url.rstrip("/") + "/logs"
         self._buffer: deque[dict[str, Any]] = deque()
+        self._inflight: list[dict[str, Any]] = []
         self._capacity = capacity
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -69,17 +70,21 @@ class AggregatorSink:
 
     def pending(self) -> int:
         with self._lock:
-            return len(self._buffer)
+            return len(self._buffer) + len(self._inflight)
 
     def _take(self) -> list[dict[str, Any]]:
+        """The batch in flight: taken out of the buffer once, resent as it is until it is
+        accepted (so the aggregator can tell a resent batch from a new one)."""
         with self._lock:
-            return [self._buffer[i] for i in range(min(BATCH, len(self._buffer)))]
+            if not self._inflight:
+                count = min(BATCH, len(self._buffer))
+                self._inflight = [self._buffer.popleft() for _ in range(count)]
+            return self._inflight
 
-    def _drop_sent(self, count: int) -> None:
+    def _sent(self) -> None:
         with self._lock:
-            for _ in range(min(count, len(self._buffer))):
-                self._buffer.popleft()
-            self.sent += count
+            self.sent += len(self._inflight)
+            self._inflight = []
 
     def _run(self) -> None:
         delay = 0.1
@@ -89,7 +94,7 @@ class AggregatorSink:
                 self._wake.clear()
                 while batch := self._take():
                     if self._post(client, batch):
-                        self._drop_sent(len(batch))
+                        self._sent()
                         delay = 0.1
                     else:
                         if self._closed.is_set():

@@ -1,8 +1,17 @@
-"""Log records in MongoDB (the aggregator's only pymongo user)."""
+"""Log records in MongoDB (the aggregator's only pymongo user), stored in buckets.
+
+A bucket holds the lines of one ingest batch that share a service, a deployment id and an hour:
+``{_id, service, id?, hour, t0, t1, levels, n, lines: [...]}``. One document (and one entry per
+index) for many lines is what makes ingest fast — the bucket pattern of MongoDB's own time-series
+collections. A bucket's ``_id`` is a digest of its lines' record ids, so a batch sent twice (a
+sink retrying after an answer it did not get) is stored once; a chunk of a followed file has an
+``_id`` naming the file and offset it starts at, and records where it ends.
+"""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 from collections.abc import Coroutine
@@ -10,12 +19,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from common.errors import BadDatabaseError, MalformedRequestError
 from services.logging.ingest import LogFilters
 
 DUPLICATE_KEY = 11000
+BUCKET_KEYS = ("service", "id")
 
 
 def encode_cursor(when: datetime, rid: str) -> str:
@@ -39,19 +49,57 @@ async def _db(call: Coroutine[Any, Any, Any]) -> Any:
         raise BadDatabaseError(f"database unreachable: {exc.__class__.__name__}") from exc
 
 
+def buckets(records: list[dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:
+    """Records (each with ``_id``, ``time``, ``service``, maybe ``id``) grouped into buckets."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for record in records:
+        hour = record["time"].replace(minute=0, second=0, microsecond=0)
+        groups.setdefault((record["service"], record.get("id"), hour), []).append(record)
+    out = []
+    for (service, dep, hour), lines in groups.items():
+        rids = [r["_id"] for r in lines]
+        bucket: dict[str, Any] = {
+            "_id": hashlib.sha256("\n".join(rids).encode()).hexdigest()[:32],
+            "service": service,
+            "hour": hour,
+            "t0": min(r["time"] for r in lines),
+            "t1": max(r["time"] for r in lines),
+            "levels": sorted({r["level"] for r in lines}),
+            "n": len(lines),
+            "lines": [
+                {"rid": r["_id"], **{k: v for k, v in r.items() if k not in ("_id", *BUCKET_KEYS)}}
+                for r in lines
+            ],
+            **extra,
+        }
+        if dep is not None:
+            bucket["id"] = dep
+        out.append(bucket)
+    return out
+
+
+def _line_record(bucket: dict[str, Any], line: dict[str, Any]) -> dict[str, Any]:
+    record = {k: v for k, v in line.items() if k != "rid"}
+    record["_id"] = line["rid"]
+    record["service"] = bucket["service"]
+    if "id" in bucket:
+        record["id"] = bucket["id"]
+    return record
+
+
 class LogStore:
     def __init__(self, *, uri: str, database: str, timeout_ms: int = 2000) -> None:
         self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
             uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, tz_aware=True
         )
         db = self._client[database]
-        self._logs = db["logs"]
+        self._buckets = db["log_buckets"]
         self._offsets = db["log_offsets"]
 
     async def open(self) -> None:
-        await _db(self._logs.create_index([("service", ASCENDING), ("time", DESCENDING)]))
-        await _db(self._logs.create_index([("id", ASCENDING), ("time", DESCENDING)]))
-        await _db(self._logs.create_index([("time", DESCENDING), ("_id", DESCENDING)]))
+        await _db(self._buckets.create_index([("service", ASCENDING), ("t1", DESCENDING)]))
+        await _db(self._buckets.create_index([("id", ASCENDING), ("t1", DESCENDING)]))
+        await _db(self._buckets.create_index([("t1", DESCENDING)]))
 
     async def close(self) -> None:
         await self._client.close()
@@ -60,63 +108,104 @@ class LogStore:
         await _db(self._client.admin.command("ping"))
 
     async def insert(self, records: list[dict[str, Any]]) -> int:
-        """Store ``records`` (each with a unique ``_id``); ones stored before are skipped."""
-        if not records:
+        """Store ``records``; a batch stored before is skipped. Returns the lines stored now."""
+        docs = buckets(records)
+        if not docs:
             return 0
         try:
-            result = await self._logs.insert_many(records, ordered=False)
-            return len(result.inserted_ids)
+            await self._buckets.insert_many(docs, ordered=False)
+            return len(records)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             if any(e.get("code") != DUPLICATE_KEY for e in errors):
                 raise BadDatabaseError(
                     f"database refused records: {errors[0].get('errmsg')}"
                 ) from exc
-            return int(exc.details.get("nInserted", 0))
+            skipped = {docs[e["index"]]["_id"] for e in errors}
+            return sum(d["n"] for d in docs if d["_id"] not in skipped)
         except PyMongoError as exc:
             raise BadDatabaseError(f"database unreachable: {exc.__class__.__name__}") from exc
+
+    async def insert_chunk(self, chunk_id: str, records: list[dict[str, Any]], end: int) -> int:
+        """Store a followed file's chunk (one service); returns the offset it ends at, which is
+        the stored one when this chunk (re-read after a crash) was stored before."""
+        if not records:
+            return end
+        (bucket, *more) = buckets(records, end=end)
+        if more:  # a chunk spanning an hour boundary: keep it whole, in its first hour
+            bucket["lines"] += [line for b in more for line in b["lines"]]
+            bucket["n"] = len(bucket["lines"])
+            bucket["t1"] = max(b["t1"] for b in (bucket, *more))
+            bucket["levels"] = sorted({lv for b in (bucket, *more) for lv in b["levels"]})
+        bucket["_id"] = chunk_id
+        try:
+            await self._buckets.insert_one(bucket)
+        except DuplicateKeyError:
+            stored = await _db(self._buckets.find_one({"_id": chunk_id}, {"end": 1}))
+            return int(stored["end"]) if stored else end
+        except PyMongoError as exc:
+            raise BadDatabaseError(f"database unreachable: {exc.__class__.__name__}") from exc
+        return end
 
     async def query(
         self, filters: LogFilters, *, limit: int, cursor: str | None, oldest_first: bool
     ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of matching records and the cursor of the next (None on the last page)."""
         query: dict[str, Any] = {}
         if filters.service:
             query["service"] = filters.service
-        if filters.level:
-            query["level"] = {"$in": sorted(filters.level)}
         if filters.app:
             query["id"] = filters.app
+        if filters.level:
+            query["levels"] = {"$in": sorted(filters.level)}
         if filters.q:
-            query["message"] = {"$regex": re.escape(filters.q), "$options": "i"}
-        span: dict[str, Any] = {}
+            query["lines.message"] = {"$regex": re.escape(filters.q), "$options": "i"}
         if filters.since:
-            span["$gte"] = filters.since
+            query["t1"] = {"$gte": filters.since}
         if filters.until:
-            span["$lt"] = filters.until
-        if span:
-            query["time"] = span
-        if cursor:
-            when, rid = decode_cursor(cursor)
-            op = "$gt" if oldest_first else "$lt"
-            query = {
-                "$and": [query, {"$or": [{"time": {op: when}}, {"time": when, "_id": {op: rid}}]}]
-            }
-        direction = ASCENDING if oldest_first else DESCENDING
-        found = (
-            self._logs.find(query).sort([("time", direction), ("_id", direction)]).limit(limit + 1)
-        )
-        docs = await _db(found.to_list())
-        more = len(docs) > limit
-        docs = docs[:limit]
-        next_cursor = encode_cursor(docs[-1]["time"], docs[-1]["_id"]) if more and docs else None
-        return docs, next_cursor
+            query["t0"] = {"$lt": filters.until}
+        after = decode_cursor(cursor) if cursor else None
+        if after is not None:
+            edge = {"t1": {"$gte": after[0]}} if oldest_first else {"t0": {"$lte": after[0]}}
+            query = {"$and": [query, edge]}
+        order = [("t0", ASCENDING)] if oldest_first else [("t1", DESCENDING)]
+        want = limit + 1
+        found: list[dict[str, Any]] = []
+        try:
+            async for bucket in self._buckets.find(query).sort(order).batch_size(100):
+                edge_time = bucket["t0"] if oldest_first else bucket["t1"]
+                if len(found) >= want:  # no later bucket can hold a line that ranks higher
+                    found = _ranked(found, oldest_first)[:want]
+                    kth = found[-1]["time"]
+                    if (edge_time > kth) if oldest_first else (edge_time < kth):
+                        break
+                found += [
+                    r
+                    for line in bucket["lines"]
+                    if _keep(r := _line_record(bucket, line), filters, after, oldest_first)
+                ]
+        except PyMongoError as exc:
+            raise BadDatabaseError(f"database unreachable: {exc.__class__.__name__}") from exc
+        page = _ranked(found, oldest_first)[:want]
+        more = len(page) > limit
+        page = page[:limit]
+        next_cursor = encode_cursor(page[-1]["time"], page[-1]["_id"]) if more and page else None
+        return page, next_cursor
 
     async def delete_before(self, cutoff: datetime) -> int:
-        result = await _db(self._logs.delete_many({"time": {"$lt": cutoff}}))
-        return int(result.deleted_count)
+        """Remove the buckets whose every line is older than ``cutoff``; returns lines removed."""
+        old = await _db(self._buckets.find({"t1": {"$lt": cutoff}}, {"n": 1}).to_list())
+        if not old:
+            return 0
+        await _db(self._buckets.delete_many({"_id": {"$in": [b["_id"] for b in old]}}))
+        return sum(int(b["n"]) for b in old)
 
     async def count(self) -> int:
-        return int(await _db(self._logs.count_documents({})))
+        cursor = await _db(
+            self._buckets.aggregate([{"$group": {"_id": None, "n": {"$sum": "$n"}}}])
+        )
+        rows = await _db(cursor.to_list())
+        return int(rows[0]["n"]) if rows else 0
 
     async def get_offset(self, path: str) -> tuple[int, int] | None:
         doc = await _db(self._offsets.find_one({"_id": path}))
@@ -130,3 +219,18 @@ class LogStore:
                 upsert=True,
             )
         )
+
+
+def _keep(
+    record: dict[str, Any], f: LogFilters, after: tuple[datetime, str] | None, oldest_first: bool
+) -> bool:
+    if not f.matches(record):
+        return False
+    if after is None:
+        return True
+    key = (record["time"], record["_id"])
+    return key > after if oldest_first else key < after
+
+
+def _ranked(records: list[dict[str, Any]], oldest_first: bool) -> list[dict[str, Any]]:
+    return sorted(records, key=lambda r: (r["time"], r["_id"]), reverse=not oldest_first)

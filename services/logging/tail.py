@@ -1,9 +1,10 @@
 """Following the files supervisord writes (``<home>/logs/*.log``) and the apps' output
 (``<home>/logs/apps/<id>.log``), rotation included.
 
-Each line's record id is ``<inode>:<offset>`` of where it starts, so a line read twice (after a
-crash between storing lines and storing the offset) is stored once. Offsets are kept in the
-database, so a restarted aggregator goes on where it left off.
+Each chunk read is stored under an id naming its file, inode and starting offset, with the offset
+it ends at; a chunk read again after a crash (between storing it and storing the offset) is found
+by that id, and reading goes on from where the stored one ended, so no line is stored twice.
+Offsets are kept in the database, so a restarted aggregator goes on where it left off.
 """
 
 from __future__ import annotations
@@ -170,9 +171,11 @@ class Tailer:
                         )
                     )
                 offset += len(line)
-            await self.store.insert(records)
-            await self.sink(records)
-            state.offset += end
+            chunk_id = f"tail:{key}:{state.inode}:{state.offset}"
+            stored_end = await self.store.insert_chunk(chunk_id, records, state.offset + end)
+            if stored_end == state.offset + end:
+                await self.sink(records)
+            state.offset = stored_end
             await self.store.set_offset(key, state.inode, state.offset)
             total += len(records)
 
