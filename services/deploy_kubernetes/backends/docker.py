@@ -69,6 +69,7 @@ class DockerBackend:
         self._pulls: set[asyncio.Task[None]] = set()
         self._closing = threading.Event()
         self.api_calls: dict[str, int] = {}
+        self._removing: set[str] = set()
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         verb = getattr(fn, "__name__", "call")
@@ -101,6 +102,8 @@ class DockerBackend:
                 for event in self._client.events(decode=True, filters=filters):
                     attrs = event.get("Actor", {}).get("Attributes", {})
                     dep_id = attrs.get("binder.id")
+                    if dep_id in self._removing:  # our own removal: nobody to tell
+                        continue
                     if dep_id and self._notify is not None:
                         obs = Observed(
                             dep_id,
@@ -173,9 +176,13 @@ class DockerBackend:
 
     async def stop(self, dep_id: str, ref: dict[str, Any]) -> None:
         name = ref.get("container") or f"binder-{dep_id}"
-        with contextlib.suppress(docker.errors.NotFound):
-            container = await self._call(self._client.containers.get, name)
-            await self._call(container.remove, force=True)
+        self._removing.add(dep_id)
+        try:
+            with contextlib.suppress(docker.errors.NotFound):
+                container = await self._call(self._client.containers.get, name)
+                await self._call(container.remove, force=True)
+        finally:  # the engine's die event for it arrives within moments, then it is forgotten
+            asyncio.get_running_loop().call_later(30, self._removing.discard, dep_id)
 
     async def list(self) -> list[Observed]:
         found = await self._call(
