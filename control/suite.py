@@ -116,7 +116,11 @@ class Suite:
                         "by another program; stop it or change the port in the config"
                     )
 
-    def start(self, name: str, *, on_wait: Callable[[str], None] = lambda _: None) -> None:
+    def start(
+        self, name: str, *, on_wait: Callable[[str], None] = lambda _: None, settle: bool = True
+    ) -> None:
+        """Start one service and wait until it answers (and, with ``settle``, until supervisord
+        counts it RUNNING: ``startsecs`` after its start)."""
         service = self.service(name)
         info = self.supervisor.info(name)
         if info is None or info["statename"] not in ("RUNNING", "STARTING", "BACKOFF"):
@@ -124,6 +128,23 @@ class Suite:
             self.supervisor.start(name)
         on_wait(name)
         self.await_ready(service)
+        if settle:
+            self.await_settled([service])
+
+    def await_settled(self, services: list[Service], timeout: float = 10.0) -> None:
+        """Wait until supervisord counts every one of ``services`` RUNNING. A service answers
+        before that (it is started in the meantime, so the next one need not wait for it)."""
+        deadline = time.monotonic() + timeout
+        for service in services:
+            while (self.supervisor.info(service.name) or {}).get("statename") == "STARTING":
+                if time.monotonic() > deadline:
+                    raise ControlError(
+                        f"service {service.name} is still STARTING after {timeout:g} s"
+                    )
+                time.sleep(0.05)
+            state = (self.supervisor.info(service.name) or {}).get("statename")
+            if state != "RUNNING":
+                self.await_ready(service)  # says why, with its stderr
 
     def await_ready(self, service: Service, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -154,7 +175,8 @@ class Suite:
                 if service.secrets and info and info["statename"] == "RUNNING":
                     self.supervisor.stop(service.name)
         for service in self.services:
-            self.start(service.name, on_wait=on_wait)
+            self.start(service.name, on_wait=on_wait, settle=False)
+        self.await_settled(self.services)
 
     # --- stopping -----------------------------------------------------------------------------
 
