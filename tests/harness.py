@@ -21,6 +21,16 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CHP = ROOT / ".node" / "node_modules" / ".bin" / "configurable-http-proxy"
+EXAMPLE_COMMAND = (
+    "{python}",
+    "-m",
+    "services.example_app",
+    "--port",
+    "{port}",
+    "--base-url",
+    "{base_url}",
+)
+"""The `example` template's command, for tests that register templates of their own."""
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ import anyio
 import httpx
 import pytest
 from fakes import FakeBackend
+from harness import EXAMPLE_COMMAND
 
 from services.deploy_kubernetes.backends.base import Backend, LaunchSpec, Observed, State
 from services.deploy_kubernetes.errors import LaunchError
@@ -26,15 +27,7 @@ def _local(tmp: Path) -> tuple[Backend, Template, Template]:
 
     web = Template(
         name="web",
-        command=(
-            "{python}",
-            "-m",
-            "services.example_app",
-            "--port",
-            "{port}",
-            "--base-url",
-            "{base_url}",
-        ),
+        command=EXAMPLE_COMMAND,
         limits={"memory": "256Mi"},
     )
     bad = Template(name="bad", command=("/bin/sh", "-c", "exit 3"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import Database, DeployServer, Proxy, wait_for
+from harness import EXAMPLE_COMMAND, Database, DeployServer, Proxy, wait_for
 
 MISSING = "0123456789abcdef0123456789abcdef"
 
@@ -109,15 +109,7 @@ def test_capacity_total_and_per_template_answer_429_with_retry_after(
         f"{deploy.url}/templates/small",
         headers=deploy.auth,
         json={
-            "command": [
-                "{python}",
-                "-m",
-                "services.example_app",
-                "--port",
-                "{port}",
-                "--base-url",
-                "{base_url}",
-            ],
+            "command": list(EXAMPLE_COMMAND),
             "max-deployments": 1,
         },
     )

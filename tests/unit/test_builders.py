@@ -83,6 +83,12 @@ def _pod(**status: object) -> client.V1Pod:
     )
 
 
+def _container(state: client.V1ContainerState) -> client.V1ContainerStatus:
+    return client.V1ContainerStatus(
+        name="app", image="x", image_id="", ready=False, restart_count=0, state=state
+    )
+
+
 def test_pod_views_give_kubernetes_reasons() -> None:
     ready = view(
         _pod(
@@ -110,17 +116,12 @@ def test_pod_views_give_kubernetes_reasons() -> None:
         _pod(
             phase="Pending",
             container_statuses=[
-                client.V1ContainerStatus(
-                    name="app",
-                    image="x",
-                    image_id="",
-                    ready=False,
-                    restart_count=0,
-                    state=client.V1ContainerState(
+                _container(
+                    client.V1ContainerState(
                         waiting=client.V1ContainerStateWaiting(
                             reason="ErrImagePull", message="not found"
                         )
-                    ),
+                    )
                 )
             ],
         )
@@ -130,17 +131,12 @@ def test_pod_views_give_kubernetes_reasons() -> None:
         _pod(
             phase="Failed",
             container_statuses=[
-                client.V1ContainerStatus(
-                    name="app",
-                    image="x",
-                    image_id="",
-                    ready=False,
-                    restart_count=0,
-                    state=client.V1ContainerState(
+                _container(
+                    client.V1ContainerState(
                         terminated=client.V1ContainerStateTerminated(
                             exit_code=137, reason="OOMKilled"
                         )
-                    ),
+                    )
                 )
             ],
         )
