@@ -15,6 +15,7 @@ from typing import Any
 from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from common.errors import BinderError
+from common.processes import alive
 
 
 class ControlError(BinderError):
@@ -136,15 +137,7 @@ class Supervisor:
         with contextlib.suppress(ControlError):
             self._call("supervisor.shutdown")
         deadline = time.monotonic() + timeout
-        while pid is not None and _alive(pid):
+        while pid is not None and alive(pid):
             if time.monotonic() > deadline:
                 raise ControlError(f"supervisord (pid {pid}) did not exit within {timeout:g} s")
             time.sleep(0.02)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"

@@ -24,6 +24,7 @@ import anyio
 from loguru import logger
 
 from common.background import Background
+from common.processes import start_time
 from services.deploy_kubernetes.backends.base import (
     LaunchSpec,
     Notify,
@@ -36,18 +37,6 @@ from services.deploy_kubernetes.models import Template, memory_bytes
 
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
 STOP_GRACE_SECONDS = 5.0
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot, or None when it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
 
 
 def _free_port(host: str) -> int:
@@ -140,7 +129,7 @@ class LocalBackend:
         ref = {
             "pid": proc.pid,
             "port": port,
-            "started": _start_time(proc.pid),
+            "started": start_time(proc.pid),
             "template": template.name,
         }
         tmp = self._pidfile(spec.id).with_suffix(".tmp")
@@ -177,7 +166,7 @@ class LocalBackend:
 
     def _alive(self, ref: dict[str, Any]) -> bool:
         pid, started = ref.get("pid"), ref.get("started")
-        return isinstance(pid, int) and started is not None and _start_time(pid) == started
+        return isinstance(pid, int) and started is not None and start_time(pid) == started
 
     async def wait_ready(
         self, spec: LaunchSpec, observed: Observed, *, deadline: float
@@ -212,12 +201,12 @@ class LocalBackend:
             self._stopping.discard(dep_id)
 
     async def _kill_group(self, pid: int) -> None:
-        started = _start_time(pid)
+        started = start_time(pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         with anyio.move_on_after(STOP_GRACE_SECONDS):
             # the group leader may not be our child (an adopted app): no event to wait on
-            while started is not None and _start_time(pid) == started:  # noqa: ASYNC110
+            while started is not None and start_time(pid) == started:  # noqa: ASYNC110
                 await anyio.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
