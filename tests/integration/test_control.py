@@ -17,7 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import free_port, pid_alive, port_open, wait_for
+from harness import free_port, port_open, wait_for
+
+from common.processes import alive
 
 BIN = Path(sys.executable).parent / "binder-control"
 
@@ -91,7 +93,7 @@ def _suite_pids(home: Path) -> list[int]:
             blob = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
         except OSError:
             continue
-        if str(home).encode() in blob and pid_alive(int(proc.name)):
+        if str(home).encode() in blob and alive(int(proc.name)):
             out.append(int(proc.name))
     return out
 
@@ -238,7 +240,7 @@ def test_stop_all_leaves_no_process_and_no_port(control: Control) -> None:
     pids = _suite_pids(control.home)
     assert pids
     control.run("stop-all", check=True)
-    assert [p for p in pids if pid_alive(p)] == []
+    assert [p for p in pids if alive(p)] == []
     assert _suite_pids(control.home) == []
     assert not any(port_open(p) for p in control.ports.values())
     assert control.run("status").returncode == 1

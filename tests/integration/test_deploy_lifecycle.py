@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 
 import httpx
-from harness import DeployServer, Proxy, pid_alive, wait_for
+from harness import DeployServer, Proxy, wait_for
+
+from common.processes import alive
 
 
 def test_launch_serves_through_proxy_then_delete_removes_route_and_process(
@@ -22,7 +24,7 @@ def test_launch_serves_through_proxy_then_delete_removes_route_and_process(
     assert page.status_code == 200
     assert dep_id in page.text
     pid = deploy.app_pids()[dep_id]
-    assert pid_alive(pid)
+    assert alive(pid)
 
     response = httpx.delete(f"{deploy.url}/applications/example/{dep_id}", headers=deploy.auth)
     assert response.status_code == 200
@@ -30,7 +32,7 @@ def test_launch_serves_through_proxy_then_delete_removes_route_and_process(
     assert deploy.status(dep_id)["status"] == "deleted"
     assert f"/user/{dep_id}" not in proxy.routes()
     assert proxy.get(f"/user/{dep_id}/").status_code == 404
-    wait_for(lambda: not pid_alive(pid), timeout=10, what="the app process to end")
+    wait_for(lambda: not alive(pid), timeout=10, what="the app process to end")
 
 
 def test_twenty_concurrent_launches_all_deploy(deploy: DeployServer, proxy: Proxy) -> None:
@@ -109,7 +111,7 @@ def test_kill9_mid_launch_then_restart_leaves_nothing_deploying_or_orphaned(
     routes = proxy.routes()
     for dep_id, info in final.items():
         if info["status"] == "deployed":
-            assert pid_alive(pids[dep_id])
+            assert alive(pids[dep_id])
             assert f"/user/{dep_id}" in routes
             assert proxy.get(f"/user/{dep_id}/").status_code == 200
         else:
