@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+
+from loguru import logger
+
+from common.errors import BinderError
 
 
 class Background:
@@ -25,3 +29,18 @@ class Background:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def repeat(
+    step: Callable[[], Awaitable[Any]], *, every: float, what: str, delay_first: bool = False
+) -> None:
+    """Run ``step`` every ``every`` seconds for ever; a ``BinderError`` (a database or proxy
+    that is away for now) is logged as ``<what> skipped`` and the loop goes on."""
+    if delay_first:
+        await asyncio.sleep(every)
+    while True:
+        try:
+            await step()
+        except BinderError as exc:
+            logger.warning("{} skipped: {}", what, exc.message)
+        await asyncio.sleep(every)

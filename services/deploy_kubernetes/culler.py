@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 import anyio
 from loguru import logger
 
+from common.background import repeat
 from services.deploy_kubernetes.deployer import Deployer
 from services.deploy_kubernetes.errors import BinderError
 from services.deploy_kubernetes.models import Deployment, Status, now
@@ -35,12 +36,7 @@ class Culler:
         self.max_age = max_age_seconds
 
     async def run(self) -> None:
-        while True:
-            await anyio.sleep(self.interval)
-            try:
-                await self.cull_once()
-            except BinderError as exc:
-                logger.warning("culling skipped: {}", exc.message)
+        await repeat(self.cull_once, every=self.interval, what="culling", delay_first=True)
 
     async def cull_once(self) -> int:
         d = self.deployer

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from common.background import Background
+from common.background import Background, repeat
 from common.errors import BinderError, MalformedRequestError
 from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS, metrics_response, read_body
@@ -97,12 +97,7 @@ class Aggregator:
                 self.healthy = exc.message
 
     async def _retention(self) -> None:
-        while True:
-            try:
-                await self.apply_retention()
-            except BinderError as exc:
-                logger.warning("retention skipped: {}", exc.message)
-            await anyio.sleep(self.retention_interval)
+        await repeat(self.apply_retention, every=self.retention_interval, what="retention")
 
     async def apply_retention(self) -> int:
         cutoff = datetime.now(UTC) - timedelta(days=self.settings.logging.retention_days)

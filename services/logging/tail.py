@@ -17,10 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
-from loguru import logger
-
-from common.errors import BinderError
+from common.background import repeat
 from services.logging.ingest import LEVEL_ALIASES, LEVELS
 from services.logging.store import LogStore
 
@@ -110,12 +107,7 @@ class Tailer:
         return sorted(p for p in files if not p.name.startswith(self.skip))
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.poll_once()
-            except BinderError as exc:
-                logger.warning("tailing paused: {}", exc.message)
-            await anyio.sleep(self.interval)
+        await repeat(self.poll_once, every=self.interval, what="tailing")
 
     async def poll_once(self) -> int:
         total = 0
