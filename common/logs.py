@@ -1,10 +1,15 @@
 """Loguru set-up for the suite's Python services: JSON lines with ``service`` and, where bound,
-the deployment ``id``. Only entry points call :func:`configure_logging`."""
+the deployment ``id``. Only entry points call :func:`configure_logging`.
+
+Records go to stdout (and to the aggregator's sink where a service has one); stderr is left to
+what does not pass through loguru (uvicorn's and asyncio's own tracebacks, a crash at start),
+which the aggregator follows in each program's ``*.err.log``."""
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from datetime import UTC
 from typing import Any
@@ -13,6 +18,7 @@ from loguru import logger
 
 Sink = Callable[[Any], None]
 RESERVED = ("time", "service", "level", "message")
+MAX_TRACEBACK = 8000
 
 
 def record_to_dict(record: Any) -> dict[str, Any]:
@@ -36,11 +42,14 @@ def record_to_dict(record: Any) -> dict[str, Any]:
     if record["exception"] is not None:
         exc = record["exception"]
         out["exception"] = f"{exc.type.__name__ if exc.type else 'Exception'}: {exc.value}"
+        lines = traceback.format_exception(exc.type, exc.value, exc.traceback)
+        out["traceback"] = "".join(lines)[-MAX_TRACEBACK:]
     return out
 
 
-def _stderr_sink(message: Any) -> None:
-    sys.stderr.write(json.dumps(record_to_dict(message.record)) + "\n")
+def _stdout_sink(message: Any) -> None:
+    sys.stdout.write(json.dumps(record_to_dict(message.record)) + "\n")
+    sys.stdout.flush()
 
 
 def configure_logging(
@@ -48,6 +57,6 @@ def configure_logging(
 ) -> None:
     logger.remove()
     logger.configure(extra={"service": service})
-    logger.add(_stderr_sink, level=level)
+    logger.add(_stdout_sink, level=level)
     for sink in sinks or []:
         logger.add(sink, level=level)

@@ -22,3 +22,28 @@ def start_time(pid: int) -> int | None:
 def alive(pid: int) -> bool:
     """True while the process runs (a zombie counts as gone)."""
     return start_time(pid) is not None
+
+
+def session_leaders_with(name: str, value: str) -> dict[int, dict[str, str]]:
+    """Session leaders (a process started with ``start_new_session``) whose environment holds
+    ``name=value``: pid -> their environment. Processes we may not read are passed over."""
+    wanted = f"{name}={value}".encode()
+    out: dict[int, dict[str, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "environ").read_bytes()
+            if wanted not in raw.split(b"\0"):
+                continue
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z" or int(fields[3]) != int(entry.name):  # field 6: the session id
+            continue
+        env = dict(
+            item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item
+        )
+        out[int(entry.name)] = env
+    return out

@@ -80,9 +80,10 @@ class LoggingSettings:
     """Largest ingest body accepted; larger ones are answered 413."""
     retention_check_seconds: float = 60
     """How often lines older than ``retention_days`` are removed."""
-    tail_skip: str = "deploy-kubernetes"
+    tail_skip: str = "deploy-kubernetes.out"
     """Comma-separated prefixes of files in ``<home>/logs`` not followed (their program ships
-    its records through the loguru sink already)."""
+    its records through the loguru sink already; its stderr, where tracebacks that bypass loguru
+    go, is followed)."""
 
     @property
     def url(self) -> str:
@@ -130,6 +131,9 @@ class DeploySettings:
     """A launch not deployed after this long fails."""
     templates_dir: str = ""
     """Folder of ``*.toml`` templates seeded at start; empty means ``configs/templates``."""
+    fault_record_delay_seconds: float = 0.0
+    """For fault-injection tests only: a pause between a local app's spawn and its pid file,
+    which makes the window in which a crash used to orphan an app wide enough to hit."""
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
 

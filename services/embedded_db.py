@@ -1,7 +1,8 @@
 """The ``db`` program when no ``mongod`` is installed: the embedded MongoDB-compatible server.
 
 Run as its own process (``python -m services.embedded_db --host H --port P --storage-path DIR``);
-the services only ever speak the wire protocol to it. It differs from ``secantusd-py`` in one way:
+the services only ever speak the wire protocol to it. Every commit is synced to disk before it
+is acknowledged. It differs from ``secantusd-py`` in one more way:
 on SIGTERM it wakes the server's accept loop with a connection, so it stops in a few tens of
 milliseconds instead of waiting out the accept thread's two-second join.
 """
@@ -40,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    server = SecantusDBServer(host=args.host, port=args.port, storage_path=args.storage_path)
+    server = SecantusDBServer(
+        host=args.host,
+        port=args.port,
+        storage_path=args.storage_path,
+        sync_on_commit=True,  # an acknowledged write survives a kill -9 (see scripts/bench db)
+    )
     done = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:

@@ -3,7 +3,7 @@ They record calls and can be told to fail. The contract tests keep them honest."
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -13,9 +13,17 @@ from services.deploy_kubernetes.errors import (
     BadBackendError,
     BadDatabaseError,
     BadProxyError,
+    ConflictError,
     LaunchError,
 )
-from services.deploy_kubernetes.models import Deployment, Status, Template
+from services.deploy_kubernetes.models import (
+    Deployment,
+    Status,
+    Template,
+    parse_template,
+    sources_of,
+)
+from services.deploy_kubernetes.store import Change
 
 ACTIVE = (Status.DEPLOYING, Status.DEPLOYED)
 
@@ -41,27 +49,29 @@ class FakeStore:
 
     async def insert(self, dep: Deployment) -> None:
         self._check()
+        if dep.id in self.deps:
+            raise ConflictError("a record with that id exists already")
         self.deps[dep.id] = dep
 
     async def get(self, dep_id: str) -> Deployment | None:
         self._check()
         return self.deps.get(dep_id)
 
-    async def transition(
-        self, dep_id: str, sources: Iterable[Status], to: Status, **fields: Any
-    ) -> Deployment | None:
+    async def move(self, dep_id: str, to: Status, change: Change) -> Deployment | None:
         self._check()
         dep = self.deps.get(dep_id)
-        if dep is None or dep.status not in set(sources):
+        if dep is not None and dep.status is to:
+            return dep  # a retried move that landed already
+        if dep is None or dep.status not in set(sources_of(to)):
             return None
-        self.deps[dep_id] = replace(dep, status=to, **fields)
+        self.deps[dep_id] = replace(dep, status=to, **change.values())
         return self.deps[dep_id]
 
-    async def update(self, dep_id: str, **fields: Any) -> Deployment | None:
+    async def update(self, dep_id: str, change: Change) -> Deployment | None:
         self._check()
         if dep_id not in self.deps:
             return None
-        self.deps[dep_id] = replace(self.deps[dep_id], **fields)
+        self.deps[dep_id] = replace(self.deps[dep_id], **change.values())
         return self.deps[dep_id]
 
     async def find(
@@ -83,18 +93,22 @@ class FakeStore:
         ]
         return out[:limit] if limit else out
 
-    async def count_active(self, *, template: str | None = None) -> int:
-        return len(await self.find(template=template, statuses=ACTIVE, pooled=None))
-
-    async def claim_pooled(self, template: str, **fields: Any) -> Deployment | None:
+    async def claim_pooled(
+        self, template: str, *, created: datetime, cull_timeout_ms: int
+    ) -> Deployment | None:
+        self._check()
         ready = await self.find(template=template, statuses=[Status.DEPLOYED], pooled=True)
         if not ready:
             return None
-        return await self.update(ready[0].id, pooled=False, **fields)
+        first = min(ready, key=lambda d: d.deployed_at or d.created)
+        self.deps[first.id] = replace(
+            first, pooled=False, created=created, cull_timeout_ms=cull_timeout_ms
+        )
+        return self.deps[first.id]
 
     async def put_template(self, template: Template) -> None:
         self._check()
-        self.templates[template.name] = template
+        self.templates[template.name] = parse_template(template.to_api())
 
     async def get_template(self, name: str) -> Template | None:
         self._check()
@@ -121,6 +135,9 @@ class FakeBackend:
         self.down = False
         self.notify: Notify | None = None
         self.api_calls: dict[str, int] = {}
+        self.extra_loops: dict[str, Callable[[], Awaitable[None]]] = {}
+        self.ping_raises: Exception | None = None
+        """An exception ``ping`` raises as it is, standing for a client error not translated."""
 
     async def open(self, notify: Notify) -> None:
         self.notify = notify
@@ -128,7 +145,12 @@ class FakeBackend:
     async def close(self) -> None:
         return None
 
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        return dict(self.extra_loops)
+
     async def ping(self) -> None:
+        if self.ping_raises is not None:
+            raise self.ping_raises
         if self.down:
             raise BadBackendError("backend unreachable: fake outage")
 

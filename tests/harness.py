@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -125,18 +124,18 @@ class Proc:
 
 
 class Database:
-    """The embedded MongoDB-compatible server on a free port."""
+    """The suite's ``db`` program (the embedded MongoDB-compatible server, durable commits) on a
+    free port, with the faults the tests inject: kill -9, freeze and thaw."""
 
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.dir = workdir / "db"
         self.dir.mkdir(parents=True, exist_ok=True)
-        server = shutil.which("secantusd-py", path=str(VENV_BIN))
-        if server is None:
-            raise RuntimeError("secantusd-py is missing: run `make setup` (it installs secantusdb)")
         self.proc = Proc(
             [
-                server,
+                sys.executable,
+                "-m",
+                "services.embedded_db",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -145,6 +144,7 @@ class Database:
                 str(self.dir),
             ],
             log=workdir / "db.log",
+            cwd=ROOT,
         )
 
     @property
@@ -158,6 +158,15 @@ class Database:
 
     def stop(self) -> None:
         self.proc.stop()
+
+    def kill9(self) -> None:
+        self.proc.kill9()
+
+    def freeze(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
 
 
 class Proxy:

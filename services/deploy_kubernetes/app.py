@@ -14,14 +14,13 @@ from common.errors import ConfigError
 from common.proxy import Proxy, ProxyClient
 from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS
-from services.deploy_kubernetes.backends.base import Backend, Observed
-from services.deploy_kubernetes.deployer import Deployer
+from services.deploy_kubernetes.backends.base import Backend
 from services.deploy_kubernetes.errors import BinderError
 from services.deploy_kubernetes.metrics import Metrics
-from services.deploy_kubernetes.models import Status, now, sources_of
+from services.deploy_kubernetes.models import Status, now
 from services.deploy_kubernetes.routes import ROUTES
-from services.deploy_kubernetes.service import Service
-from services.deploy_kubernetes.store import MongoStore, Store
+from services.deploy_kubernetes.service import Options, Service
+from services.deploy_kubernetes.store import Change, MongoStore, Store
 
 
 def build_backend(settings: Settings) -> Backend:
@@ -30,7 +29,9 @@ def build_backend(settings: Settings) -> Backend:
         from services.deploy_kubernetes.backends.local import LocalBackend
 
         return LocalBackend(
-            state_dir=settings.home / "run" / "local", log_dir=settings.home / "logs" / "apps"
+            state_dir=settings.home / "run" / "local",
+            log_dir=settings.home / "logs" / "apps",
+            record_delay=settings.deploy.fault_record_delay_seconds,
         )
     if settings.deploy.backend == "docker":
         from services.deploy_kubernetes.backends.docker import DockerBackend
@@ -48,6 +49,26 @@ def build_backend(settings: Settings) -> Backend:
     raise ConfigError(f"backend {settings.deploy.backend!r} is not available in this build")
 
 
+def build_store(settings: Settings) -> MongoStore:
+    return MongoStore(uri=settings.db.effective_uri, database=settings.db.database)
+
+
+def options(settings: Settings, *, keeper_interval: float = 2.0) -> Options:
+    d = settings.deploy
+    return Options(
+        api_key=settings.api_key,
+        launch_requires_key=d.launch_requires_key,
+        templates_dir=settings.templates_dir,
+        public_host=settings.public_host,
+        max_deployments=d.max_deployments,
+        default_cull_timeout_ms=d.default_cull_timeout_ms,
+        launch_timeout_seconds=d.launch_timeout_seconds,
+        cull_interval=d.cull_interval_seconds,
+        max_age_seconds=d.max_age_seconds,
+        keeper_interval=keeper_interval,
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -63,8 +84,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        deployer = Deployer(
-            store=store or MongoStore(uri=settings.db.effective_uri, database=settings.db.database),
+        service = Service(
+            store=store or build_store(settings),
             backend=backend or build_backend(settings),
             proxy=proxy
             or ProxyClient(
@@ -73,19 +94,7 @@ def create_app(
                 public_url=settings.proxy.public_url,
             ),
             metrics=Metrics(*collectors),
-            public_host=settings.public_host,
-            max_deployments=settings.deploy.max_deployments,
-            default_cull_timeout_ms=settings.deploy.default_cull_timeout_ms,
-            launch_timeout_seconds=settings.deploy.launch_timeout_seconds,
-        )
-        service = Service(
-            deployer=deployer,
-            api_key=settings.api_key,
-            launch_requires_key=settings.deploy.launch_requires_key,
-            templates_dir=settings.templates_dir,
-            cull_interval=settings.deploy.cull_interval_seconds,
-            max_age_seconds=settings.deploy.max_age_seconds,
-            keeper_interval=keeper_interval,
+            options=options(settings, keeper_interval=keeper_interval),
         )
         await service.start()
         try:
@@ -99,9 +108,9 @@ def create_app(
 async def stop_apps(settings: Settings) -> int:
     """Stop every app of the backend on this host; their records become ``deleted``."""
     backend = build_backend(settings)
-    store = MongoStore(uri=settings.db.effective_uri, database=settings.db.database)
+    store = build_store(settings)
 
-    async def ignore(_: Observed) -> None:
+    async def ignore(_: object) -> None:
         return None
 
     await backend.open(ignore)
@@ -109,13 +118,8 @@ async def stop_apps(settings: Settings) -> int:
         objects = await backend.list()
         for obs in objects:
             with contextlib.suppress(BinderError):
-                await store.transition(
-                    obs.id,
-                    sources_of(Status.DELETED),
-                    Status.DELETED,
-                    reason="stopped with the suite",
-                    ended_at=now(),
-                )
+                change = Change(reason="stopped with the suite", ended_at=now())
+                await store.move(obs.id, Status.DELETED, change)
             await backend.stop(obs.id, obs.ref)
         return len(objects)
     finally:

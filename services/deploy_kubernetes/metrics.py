@@ -42,6 +42,12 @@ class Metrics:
             registry=self.registry,
         )
         self.culls = Counter("binder_culls", "Deployments culled", ["why"], registry=self.registry)
+        self.loop_crashes = Counter(
+            "binder_loop_crashes",
+            "Crashes of supervised background loops (each restarted with backoff)",
+            ["loop"],
+            registry=self.registry,
+        )
         self.errors = Counter("binder_errors", "Errors by type", ["type"], registry=self.registry)
 
 

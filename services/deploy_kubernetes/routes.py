@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,6 +16,7 @@ from common.web import metrics_response, read_json_object, require_key
 from services.deploy_kubernetes.errors import MalformedRequestError
 from services.deploy_kubernetes.models import Status, check_name, parse_cull_timeout, parse_template
 from services.deploy_kubernetes.openapi import openapi_document
+from services.deploy_kubernetes.records import Progress, Update
 from services.deploy_kubernetes.service import Service
 
 MAX_BODY = 64 * 1024
@@ -54,16 +56,14 @@ async def launch(request: Request) -> Response:
             raise MalformedRequestError("template-name: required, a string")
     check_name(template)
     cull = body.get("cull-timeout")
-    dep = await service.deployer.launch(
+    dep = await service.launcher.launch(
         template, None if cull is None else parse_cull_timeout(cull)
     )
     return JSONResponse({"id": dep.id})
 
 
 async def status(request: Request) -> Response:
-    dep = await _service(request).deployer.get(
-        request.path_params["template"], request.path_params["id"]
-    )
+    dep = await _service(request).get(request.path_params["template"], request.path_params["id"])
     return JSONResponse(dep.to_api())
 
 
@@ -71,7 +71,7 @@ async def list_deployments(request: Request) -> Response:
     service = _auth(request)
     template = request.path_params.get("template")
     if template is not None:
-        service.deployer.template(template)
+        service.catalog.get(template)
     wanted = request.query_params.get("status")
     statuses = None
     if wanted is not None:
@@ -80,23 +80,23 @@ async def list_deployments(request: Request) -> Response:
         except ValueError as exc:
             choices = ", ".join(s.value for s in Status)
             raise MalformedRequestError(f"status: must be one of {choices}") from exc
-    deps = await service.deployer.store.find(template=template, statuses=statuses)
+    deps = await service.records.find(template=template, statuses=statuses)
     return JSONResponse([d.to_api() for d in deps])
 
 
 async def delete(request: Request) -> Response:
     service = _auth(request)
-    dep = await service.deployer.delete(request.path_params["template"], request.path_params["id"])
+    dep = await service.delete(request.path_params["template"], request.path_params["id"])
     return JSONResponse(dep.to_api())
 
 
 async def events(request: Request) -> Response:
-    deployer = _service(request).deployer
-    updates = deployer.watch(request.path_params["template"], request.path_params["id"])
+    service = _service(request)
+    updates = service.watch(request.path_params["template"], request.path_params["id"])
     first = await anext(updates)  # errors (404, 422) are answered before the stream starts
 
     async def stream() -> AsyncIterator[str]:
-        yield _sse(first.to_api())
+        yield _sse(first)
         pending: asyncio.Task[Any] | None = None
         try:
             while True:
@@ -110,23 +110,27 @@ async def events(request: Request) -> Response:
                 except StopAsyncIteration:
                     return
                 pending = None
-                yield _sse(dep.to_api())
+                yield _sse(dep)
         finally:
-            if pending is not None:
+            if pending is not None:  # the client left: end the waiting read before closing
                 pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
             await updates.aclose()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
 
-def _sse(data: dict[str, Any]) -> str:
-    return f"event: status\ndata: {json.dumps(data)}\n\n"
+def _sse(update: Update) -> str:
+    if isinstance(update, Progress):
+        return f"event: progress\ndata: {json.dumps({'message': update.message})}\n\n"
+    return f"event: status\ndata: {json.dumps(update.to_api())}\n\n"
 
 
 async def preload(request: Request) -> Response:
     service = _auth(request)
-    template = service.deployer.template(request.path_params["template"])
+    template = service.catalog.get(request.path_params["template"])
     if request.method == "POST":
         await service.start_preload(template)
     return JSONResponse(
@@ -135,24 +139,24 @@ async def preload(request: Request) -> Response:
 
 
 async def list_templates(request: Request) -> Response:
-    return JSONResponse([t.to_api() for t in _service(request).deployer.templates.values()])
+    return JSONResponse([t.to_api() for t in _service(request).catalog.all()])
 
 
 async def get_template(request: Request) -> Response:
-    return JSONResponse(_service(request).deployer.template(request.path_params["name"]).to_api())
+    return JSONResponse(_service(request).catalog.get(request.path_params["name"]).to_api())
 
 
 async def put_template(request: Request) -> Response:
     service = _auth(request)
     name = check_name(request.path_params["name"], "name")
     template = parse_template(await read_json_object(request, MAX_BODY), name=name)
-    await service.deployer.put_template(template)
+    await service.catalog.put(template)
     return JSONResponse(template.to_api())
 
 
 async def delete_template(request: Request) -> Response:
     service = _auth(request)
-    await service.deployer.delete_template(request.path_params["name"])
+    await service.catalog.delete(request.path_params["name"])
     return JSONResponse({"name": request.path_params["name"], "deleted": True})
 
 
@@ -178,7 +182,7 @@ async def health(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return metrics_response(_service(request).deployer.metrics.registry)
+    return metrics_response(_service(request).metrics.registry)
 
 
 async def openapi(request: Request) -> Response:

@@ -1,34 +1,72 @@
 """Deployment and template records in MongoDB (pymongo's async client; the only pymongo user
-of the deploy server). Every database failure becomes ``BadDatabaseError``."""
+of the deploy server). Every database failure becomes ``BadDatabaseError``.
+
+Writes are acknowledged only once journaled (``j=True``), and every operation has a deadline
+(``timeoutMS``), so a frozen database answers 503 instead of hanging a request.
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from services.deploy_kubernetes.errors import BadDatabaseError, ConflictError
-from services.deploy_kubernetes.models import Deployment, Status, Template, parse_template
+from services.deploy_kubernetes.models import (
+    Deployment,
+    Status,
+    Template,
+    parse_template,
+    sources_of,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+ACTIVE = (Status.DEPLOYING, Status.DEPLOYED)
+
+
+@dataclass(frozen=True)
+class Change:
+    """Fields of a deployment that a status move or an update sets; ``None`` leaves one as it is."""
+
+    location: str | None = None
+    url: str | None = None
+    reason: str | None = None
+    target: str | None = None
+    backend_ref: dict[str, Any] | None = None
+    deployed_at: datetime | None = None
+    ended_at: datetime | None = None
+    last_activity: datetime | None = None
+
+    def values(self) -> dict[str, Any]:
+        """The fields to set, by their record names."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in out.items() if v is not None}
 
 
 class Store(Protocol):
-    """Where deployments and templates live. Implemented by :class:`MongoStore` and the tests' fake."""
+    """Where deployments and templates live. Implemented by :class:`MongoStore` and the tests'
+    fake; ``tests/integration/test_store_contract.py`` runs the same cases on both."""
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
-    async def insert(self, dep: Deployment) -> None: ...
+    async def insert(self, dep: Deployment) -> None:
+        """Add a new record; ``ConflictError`` if its id exists."""
+
     async def get(self, dep_id: str) -> Deployment | None: ...
-    async def transition(
-        self, dep_id: str, sources: Iterable[Status], to: Status, **fields: Any
-    ) -> Deployment | None: ...
-    async def update(self, dep_id: str, **fields: Any) -> Deployment | None: ...
+    async def move(self, dep_id: str, to: Status, change: Change) -> Deployment | None:
+        """Compare-and-set: move to ``to`` from a status allowed to reach it, setting ``change``.
+
+        A record already at ``to`` is returned as it is (a retried write that landed is a
+        success); None when the record is missing or final in another status."""
+
+    async def update(self, dep_id: str, change: Change) -> Deployment | None: ...
     async def find(
         self,
         *,
@@ -37,8 +75,11 @@ class Store(Protocol):
         pooled: bool | None = False,
         limit: int = 0,
     ) -> list[Deployment]: ...
-    async def count_active(self, *, template: str | None = None) -> int: ...
-    async def claim_pooled(self, template: str, **fields: Any) -> Deployment | None: ...
+    async def claim_pooled(
+        self, template: str, *, created: datetime, cull_timeout_ms: int
+    ) -> Deployment | None:
+        """Hand the oldest ready pooled instance of ``template`` to a user, atomically."""
+
     async def put_template(self, template: Template) -> None: ...
     async def get_template(self, name: str) -> Template | None: ...
     async def list_templates(self) -> list[Template]: ...
@@ -58,15 +99,17 @@ def _translated(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corout
     return wrapper
 
 
-ACTIVE = [Status.DEPLOYING.value, Status.DEPLOYED.value]
-
-
 class MongoStore:
     """:class:`Store` on a MongoDB server (or the embedded wire-compatible one)."""
 
     def __init__(self, *, uri: str, database: str, timeout_ms: int = 2000) -> None:
         self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, tz_aware=True
+            uri,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            timeoutMS=2 * timeout_ms,
+            journal=True,
+            tz_aware=True,
         )
         db = self._client[database]
         self._deps = db["deployments"]
@@ -96,22 +139,22 @@ class MongoStore:
         return Deployment.from_doc(doc) if doc else None
 
     @_translated
-    async def transition(
-        self, dep_id: str, sources: Iterable[Status], to: Status, **fields: Any
-    ) -> Deployment | None:
+    async def move(self, dep_id: str, to: Status, change: Change) -> Deployment | None:
         doc = await self._deps.find_one_and_update(
-            {"id": dep_id, "status": {"$in": [s.value for s in sources]}},
-            {"$set": {**fields, "status": to.value}},
+            {"id": dep_id, "status": {"$in": [s.value for s in sources_of(to)]}},
+            {"$set": {**change.values(), "status": to.value}},
             projection={"_id": 0},
             return_document=ReturnDocument.AFTER,
         )
+        if doc is None:
+            doc = await self._deps.find_one({"id": dep_id, "status": to.value}, {"_id": 0})
         return Deployment.from_doc(doc) if doc else None
 
     @_translated
-    async def update(self, dep_id: str, **fields: Any) -> Deployment | None:
+    async def update(self, dep_id: str, change: Change) -> Deployment | None:
         doc = await self._deps.find_one_and_update(
             {"id": dep_id},
-            {"$set": fields},
+            {"$set": change.values()},
             projection={"_id": 0},
             return_document=ReturnDocument.AFTER,
         )
@@ -137,17 +180,12 @@ class MongoStore:
         return [Deployment.from_doc(doc) async for doc in cursor]
 
     @_translated
-    async def count_active(self, *, template: str | None = None) -> int:
-        query: dict[str, Any] = {"status": {"$in": ACTIVE}}
-        if template is not None:
-            query["template"] = template
-        return await self._deps.count_documents(query)
-
-    @_translated
-    async def claim_pooled(self, template: str, **fields: Any) -> Deployment | None:
+    async def claim_pooled(
+        self, template: str, *, created: datetime, cull_timeout_ms: int
+    ) -> Deployment | None:
         doc = await self._deps.find_one_and_update(
             {"template": template, "pooled": True, "status": Status.DEPLOYED.value},
-            {"$set": {**fields, "pooled": False}},
+            {"$set": {"created": created, "cull_timeout_ms": cull_timeout_ms, "pooled": False}},
             projection={"_id": 0},
             sort=[("deployed_at", ASCENDING)],
             return_document=ReturnDocument.AFTER,

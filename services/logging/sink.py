@@ -2,8 +2,10 @@
 
 Records go into a bounded buffer; a daemon thread posts them in batches to ``POST /logs``,
 retrying while the aggregator is down. Each record carries a unique ``rid`` so that a batch sent
-twice (an answer lost in a restart) is stored once. When the buffer is full the oldest records are
-dropped and counted (``binder_log_records_dropped_total``, see :meth:`AggregatorSink.collector`).
+twice (an answer lost in a restart) is stored once. Nothing is lost silently: a batch answered
+413 (too large) is split in halves and sent again; a single record too large to store, records
+the aggregator refuses (4xx), and the oldest records when the buffer is full are dropped and
+counted (``binder_log_records_dropped_total``, see :meth:`AggregatorSink.collector`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class AggregatorSink:
         self._closed = threading.Event()
         self.dropped = 0
         self.sent = 0
+        self._last_answer: Any = None
         self._thread = threading.Thread(target=self._run, name="log-sink", daemon=True)
         self._thread.start()
 
@@ -62,7 +65,7 @@ class AggregatorSink:
             def collect(self) -> Iterator[CounterMetricFamily]:
                 yield CounterMetricFamily(
                     "binder_log_records_dropped",
-                    "Log records dropped because the sink's buffer was full",
+                    "Log records dropped: the sink's buffer was full, or the aggregator refused them",
                     value=sink.dropped,
                 )
 
@@ -81,10 +84,18 @@ class AggregatorSink:
                 self._inflight = [self._buffer.popleft() for _ in range(count)]
             return self._inflight
 
-    def _sent(self) -> None:
+    def _sent(self, *, refused: int = 0) -> None:
         with self._lock:
-            self.sent += len(self._inflight)
+            self.sent += len(self._inflight) - refused
+            self.dropped += refused
             self._inflight = []
+
+    def _split(self) -> None:
+        """Send the first half of the batch in flight on its own; the rest goes back in front."""
+        with self._lock:
+            half = len(self._inflight) // 2
+            self._buffer.extendleft(reversed(self._inflight[half:]))
+            self._inflight = self._inflight[:half]
 
     def _run(self) -> None:
         delay = 0.1
@@ -93,8 +104,11 @@ class AggregatorSink:
                 self._wake.wait(FLUSH_SECONDS)
                 self._wake.clear()
                 while batch := self._take():
-                    if self._post(client, batch):
-                        self._sent()
+                    code = self._post(client, batch)
+                    if code == 413 and len(batch) > 1:
+                        self._split()
+                    elif code is not None and code < 500:
+                        self._sent(refused=self._refused(code, batch))
                         delay = 0.1
                     else:
                         if self._closed.is_set():
@@ -104,7 +118,8 @@ class AggregatorSink:
                 if self._closed.is_set():
                     return
 
-    def _post(self, client: httpx.Client, batch: list[dict[str, Any]]) -> bool:
+    def _post(self, client: httpx.Client, batch: list[dict[str, Any]]) -> int | None:
+        """The aggregator's answer to ``batch``, or None when it could not be reached."""
         try:
             response = client.post(
                 self._url,
@@ -112,9 +127,20 @@ class AggregatorSink:
                 headers={"Content-Type": "application/json"},
             )
         except httpx.HTTPError:
-            return False
-        # 4xx: the aggregator refused some records for good; retrying would not help
-        return response.status_code < 500
+            return None
+        self._last_answer = response
+        return response.status_code
+
+    def _refused(self, code: int, batch: list[dict[str, Any]]) -> int:
+        """How many records of an answered ``batch`` were refused for good (4xx: retrying
+        would not help): those the answer counts, else the whole batch."""
+        if code < 400:
+            return 0
+        try:
+            accepted = int(self._last_answer.json().get("accepted", 0))
+        except (ValueError, AttributeError, TypeError):
+            accepted = 0
+        return max(0, len(batch) - accepted)
 
     def close(self, timeout: float = 2.0) -> None:
         """Flush what can be flushed within ``timeout`` seconds, then stop the thread."""

@@ -53,6 +53,8 @@ class Observed:
     ref: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
     template: str | None = None
+    event: str | None = None
+    """A progress message of a launch under way (a pod's "Pulling image ..."), for watchers."""
 
 
 Notify = Callable[[Observed], Coroutine[Any, Any, None]]
@@ -71,6 +73,10 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Disconnect, leaving the running apps alone (they survive a server restart)."""
+
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The backend's long-running loops (watches, event readers), by name, for the deploy
+        server's supervisor to run, log, restart and report on."""
 
     async def ping(self) -> None:
         """Raise ``BadBackendError`` when the backend cannot be reached."""

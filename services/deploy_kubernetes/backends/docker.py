@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -91,8 +91,13 @@ class DockerBackend:
             )
         except docker.errors.DockerException as exc:
             raise BadBackendError(f"Docker engine unreachable: {exc}") from exc
-        token = anyio.lowlevel.current_token()
-        threading.Thread(target=self._watch_events, args=(token,), daemon=True).start()
+
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        async def events() -> None:
+            token = anyio.lowlevel.current_token()
+            await anyio.to_thread.run_sync(self._watch_events, token, abandon_on_cancel=True)
+
+        return {"docker events": events}
 
     def _watch_events(self, token: Any) -> None:
         """Tell the deployer about containers that die on their own (runs in its own thread)."""
@@ -132,7 +137,10 @@ class DockerBackend:
                 await anyio.to_thread.run_sync(self._client.close)
 
     async def ping(self) -> None:
-        await self._call(self._client.ping)
+        try:
+            await self._call(self._client.ping)
+        except docker.errors.DockerException as exc:  # a raw answer left by _call
+            raise BadBackendError(f"Docker engine answered: {exc}") from exc
 
     async def launch(self, spec: LaunchSpec) -> Observed:
         args = container_spec(spec, suite=self._suite)

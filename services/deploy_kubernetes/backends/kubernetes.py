@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -191,13 +191,21 @@ class KubernetesBackend:
         api_client = client.ApiClient(self._client_config)
         self._api = client.CoreV1Api(api_client)
         self._apps = client.AppsV1Api(api_client)
-        threading.Thread(target=self._watch_forever, name="pod-watch", daemon=True).start()
+
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        async def watch() -> None:
+            await anyio.to_thread.run_sync(self._watch_forever, abandon_on_cancel=True)
+
+        return {"pod watch": watch}
 
     async def close(self) -> None:
         self._closing.set()
 
     async def ping(self) -> None:
-        await self._call(self._api.list_namespaced_pod, self.namespace, limit=1)
+        try:
+            await self._call(self._api.list_namespaced_pod, self.namespace, limit=1)
+        except ApiException as exc:  # a 4xx left by _call: the suite cannot use the API
+            raise BadBackendError(f"Kubernetes API answered {exc.status}: {exc.reason}") from exc
 
     # --- the watch ----------------------------------------------------------------------------
 

@@ -2,7 +2,10 @@
 
 A pid file per deployment (``<state_dir>/<id>.json``: pid, port, process start time) is written
 right after the spawn, so a restarted server finds its apps again (and a reused pid is told apart
-by its start time). Apps survive a server restart; ``stop`` ends the whole process group.
+by its start time). An app is findable before it can run, even if the server dies between the
+spawn and its pid file: its environment carries the suite's label and its deployment id, and
+:meth:`LocalBackend.list` also looks for session leaders with that label in ``/proc``. Apps survive
+a server restart; ``stop`` ends the whole process group.
 Memory limits are applied as an address-space rlimit; CPU limits need cgroups and are not enforced
 by this backend (the container backends enforce both).
 """
@@ -11,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import resource
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,7 @@ import anyio
 from loguru import logger
 
 from common.background import Background
-from common.processes import start_time
+from common.processes import session_leaders_with, start_time
 from services.deploy_kubernetes.backends.base import (
     LaunchSpec,
     Notify,
@@ -47,7 +52,7 @@ def _free_port(host: str) -> int:
 
 def _exit_reason(code: int | None) -> str:
     if code is None:
-        return "process vanished"
+        return "process ended (its exit code is unknown: an earlier deploy server started it)"
     if code < 0:
         return f"process was killed by signal {signal.Signals(-code).name}"
     return f"process exited with code {code}"
@@ -63,13 +68,17 @@ class LocalBackend:
         log_dir: Path,
         host: str = "127.0.0.1",
         python: str = sys.executable,
+        record_delay: float = 0.0,
     ) -> None:
         self._state_dir = state_dir
         self._log_dir = log_dir
         self._host = host
         self._python = python
+        self._record_delay = record_delay
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._background = Background()
+        self.suite = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+        """The label in every app's environment (``BINDER_SUITE``) that finds it again."""
         self._notify: Notify | None = None
         self._stopping: set[str] = set()
         self._exit_codes: dict[str, int] = {}
@@ -79,7 +88,9 @@ class LocalBackend:
         self._state_dir.mkdir(parents=True, exist_ok=True)
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self._notify = notify
-        self._background.spawn(self._watch_adopted())
+
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        return {"adopted apps": self._watch_adopted}
 
     async def close(self) -> None:
         await self._background.cancel_all()
@@ -101,6 +112,8 @@ class LocalBackend:
                 "PORT": str(port),
                 "BASE_URL": spec.base_url,
                 "BINDER_ID": spec.id,
+                "BINDER_SUITE": self.suite,
+                "BINDER_TEMPLATE": template.name,
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -132,9 +145,9 @@ class LocalBackend:
             "started": start_time(proc.pid),
             "template": template.name,
         }
-        tmp = self._pidfile(spec.id).with_suffix(".tmp")
-        tmp.write_text(json.dumps(ref))
-        tmp.replace(self._pidfile(spec.id))
+        if self._record_delay:
+            await anyio.sleep(self._record_delay)
+        self._record(spec.id, ref)
         self._children[spec.id] = proc
         self._background.spawn(self._reap(spec.id, proc, ref))
         logger.bind(id=spec.id, template=template.name).info(
@@ -160,7 +173,7 @@ class LocalBackend:
         """Apps started by an earlier server are not our children: look at them once a second."""
         while True:
             await anyio.sleep(1.0)
-            for obs in await self.list():
+            for obs in self._recorded():
                 if obs.state is State.EXITED and obs.id not in self._stopping and self._notify:
                     await self._notify(obs)
 
@@ -189,7 +202,8 @@ class LocalBackend:
         self._stopping.add(dep_id)
         try:
             if not ref:
-                ref = self._read(dep_id) or {}
+                found = [o.ref for o in self._unrecorded(set()) if o.id == dep_id]
+                ref = self._read(dep_id) or (found[0] if found else {})
             if self._alive(ref):
                 await self._kill_group(int(ref["pid"]))
             proc = self._children.get(dep_id)
@@ -211,6 +225,11 @@ class LocalBackend:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
 
+    def _record(self, dep_id: str, ref: dict[str, Any]) -> None:
+        tmp = self._pidfile(dep_id).with_suffix(".tmp")
+        tmp.write_text(json.dumps(ref))
+        tmp.replace(self._pidfile(dep_id))
+
     def _read(self, dep_id: str) -> dict[str, Any] | None:
         try:
             data = json.loads(self._pidfile(dep_id).read_text())
@@ -218,7 +237,22 @@ class LocalBackend:
             return None
         return data if isinstance(data, dict) else None
 
-    async def list(self) -> list[Observed]:
+    def _unrecorded(self, recorded: set[str]) -> list[Observed]:
+        """Apps of this suite that run without a pid file (the server died before writing it)."""
+        out = []
+        for pid, env in session_leaders_with("BINDER_SUITE", self.suite).items():
+            dep_id = env.get("BINDER_ID", "")
+            if dep_id in recorded or not dep_id:
+                continue
+            port = env.get("PORT", "0")
+            template = env.get("BINDER_TEMPLATE")
+            ref: dict[str, Any] = {"pid": pid, "port": int(port) if port.isdigit() else 0}
+            ref |= {"started": start_time(pid), "template": template}
+            target = f"http://{self._host}:{ref['port']}"
+            out.append(Observed(dep_id, State.RUNNING, target, ref, None, template))
+        return out
+
+    def _recorded(self) -> list[Observed]:
         out = []
         for path in sorted(self._state_dir.glob("*.json")):
             ref = self._read(path.stem)
@@ -237,6 +271,16 @@ class LocalBackend:
                 )
             )
         return out
+
+    async def list(self) -> list[Observed]:
+        """Every app of the suite: those with pid files, and those found by their environment,
+        which get their pid file now (so their exit is watched from here on)."""
+        recorded = self._recorded()
+        found = self._unrecorded({obs.id for obs in recorded})
+        for obs in found:
+            logger.bind(id=obs.id).warning("found app pid {} without a pid file", obs.ref["pid"])
+            self._record(obs.id, obs.ref)
+        return recorded + found
 
     async def preload(self, template: Template) -> None:
         return None  # nothing to pull: the command runs from this host

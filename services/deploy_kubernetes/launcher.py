@@ -1,0 +1,163 @@
+"""Launching: new deployments, pooled ones, and launches resumed after a restart.
+
+A launch answers as soon as its record is written (capacity reserved in memory by
+:class:`Records`, so concurrent launches do not wait on each other); the rest runs in a task:
+the backend object, readiness, the proxy route, then ``deployed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from loguru import logger
+
+from common.proxy import Proxy
+from services.deploy_kubernetes.backends.base import Backend, LaunchSpec, Observed
+from services.deploy_kubernetes.catalog import Catalog
+from services.deploy_kubernetes.ending import Ender, Launches
+from services.deploy_kubernetes.errors import BinderError, LaunchError
+from services.deploy_kubernetes.metrics import Metrics
+from services.deploy_kubernetes.models import Deployment, Status, Template, new_id, now
+from services.deploy_kubernetes.records import Records
+from services.deploy_kubernetes.store import Change
+
+
+class Launcher:
+    def __init__(
+        self,
+        *,
+        records: Records,
+        catalog: Catalog,
+        backend: Backend,
+        proxy: Proxy,
+        ender: Ender,
+        launches: Launches,
+        metrics: Metrics,
+        changed: asyncio.Event,
+        public_host: str,
+        default_cull_timeout_ms: int,
+        launch_timeout_seconds: float,
+    ) -> None:
+        self._records = records
+        self._catalog = catalog
+        self._backend = backend
+        self._proxy = proxy
+        self._ender = ender
+        self._launches = launches
+        self._metrics = metrics
+        self._changed = changed
+        self._public_host = public_host
+        self._default_cull = default_cull_timeout_ms
+        self.timeout = launch_timeout_seconds
+
+    async def launch(self, template_name: str, cull_timeout_ms: int | None) -> Deployment:
+        template = self._catalog.get(template_name)
+        cull = cull_timeout_ms or template.cull_timeout_ms or self._default_cull
+        self._metrics.launches.labels(template=template.name).inc()
+        started = time.monotonic()
+        if template.pool_size:
+            claimed = await self._records.claim_pooled(
+                template.name, created=now(), cull_timeout_ms=cull
+            )
+            if claimed is not None:
+                self._changed.set()
+                self._metrics.launch_latency.labels(pooled="true").observe(
+                    time.monotonic() - started
+                )
+                logger.bind(id=claimed.id, template=template.name).info("launched from the pool")
+                return claimed
+        dep = Deployment(
+            id=new_id(),
+            template=template.name,
+            status=Status.DEPLOYING,
+            created=now(),
+            cull_timeout_ms=cull,
+        )
+        await self._records.create(dep, template_limit=template.max_deployments)
+        self.resume(dep, template)
+        return dep
+
+    async def launch_pooled(self, template: Template) -> bool:
+        """Start one instance into ``template``'s pool; False when the server is full."""
+        if not self._records.has_room():
+            return False
+        dep = Deployment(
+            id=new_id(),
+            template=template.name,
+            status=Status.DEPLOYING,
+            created=now(),
+            cull_timeout_ms=self._default_cull,
+            pooled=True,
+        )
+        await self._records.create(dep)
+        self.resume(dep, template)
+        return True
+
+    def resume(self, dep: Deployment, template: Template, observed: Observed | None = None) -> None:
+        """Run (or go on with) ``dep``'s launch in a task of its own."""
+        self._launches.start(dep.id, self._run(dep, template, observed))
+
+    def running(self, dep_id: str) -> bool:
+        return self._launches.running(dep_id)
+
+    async def _run(self, dep: Deployment, template: Template, observed: Observed | None) -> None:
+        try:
+            await self._bring_up(dep, template, observed)
+        except asyncio.CancelledError:
+            raise
+        except BinderError as exc:
+            reason = exc.message
+            if isinstance(exc, LaunchError) and reason.startswith("timed out"):
+                reason = f"timed out after {self.timeout:g} s waiting for the app to answer"
+            await self._ender.fail(dep, reason)
+        except Exception as exc:  # a launch task must always end in a final status
+            logger.bind(id=dep.id).opt(exception=exc).error("launch failed unexpectedly")
+            await self._ender.fail(dep, f"internal error: {exc.__class__.__name__}")
+        finally:
+            self._changed.set()
+
+    async def _bring_up(
+        self, dep: Deployment, template: Template, observed: Observed | None
+    ) -> None:
+        spec = LaunchSpec(dep.id, template)
+        elapsed = (now() - dep.created).total_seconds()
+        deadline = time.monotonic() + max(1.0, self.timeout - elapsed)
+        if observed is None:
+            observed = await self._backend.launch(spec)
+            change = Change(target=observed.target, backend_ref=observed.ref)
+            dep = await self._records.update(dep.id, change) or dep
+        observed = await self._backend.wait_ready(spec, observed, deadline=deadline)
+        assert observed.target is not None
+        await self._proxy.add_route(dep.route, observed.target)
+        await self._await_route(dep, deadline)
+        location = f"{self._public_host}/user/{dep.id}"
+        change = Change(
+            location=location,
+            url=f"http://{location}/",
+            target=observed.target,
+            backend_ref=observed.ref,
+            deployed_at=now(),
+        )
+        moved = await self._records.move(dep, Status.DEPLOYED, change)
+        if moved is None:  # deleted while launching: the delete tore down what it knew of
+            await self._ender.teardown(dep.evolve(backend_ref=observed.ref))
+            return
+        if not dep.pooled:
+            elapsed = (now() - dep.created).total_seconds()
+            self._metrics.launch_latency.labels(pooled="false").observe(elapsed)
+
+    async def _await_route(self, dep: Deployment, deadline: float) -> None:
+        """The route works once the proxy serves it (answers it with anything but its 404).
+
+        The app itself was found ready by the backend: by its own answer (local, docker) or by
+        its Pod's readiness probe."""
+        interval = 0.01
+        while True:
+            code = await self._proxy.public_get(dep.route + "/")
+            if code and code != 404:
+                return
+            if time.monotonic() > deadline:
+                raise LaunchError(f"the proxy does not serve {dep.route} (last answer {code})")
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, 0.25)

@@ -1,0 +1,196 @@
+"""The one owner of deployment state: the store and the in-memory view together.
+
+No other module reads or writes deployment records except through :class:`Records`. A record
+enters the view only once the database has acknowledged it; a status move is written first and
+only then shown, counted and told to watchers. Capacity is kept here too: the active deployments
+(total and per template) are counted in memory, seeded from the records at start, and a launch
+reserves its slot in one step with no database round trip in between, so concurrent launches
+are not serialised and the limits stay exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from loguru import logger
+
+from services.deploy_kubernetes.errors import CapacityError, NoRecordError
+from services.deploy_kubernetes.metrics import Metrics
+from services.deploy_kubernetes.models import Deployment, Status
+from services.deploy_kubernetes.store import ACTIVE, Change, Store
+
+CACHE_SIZE = 20_000
+RETRY_AFTER = {"Retry-After": "30"}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A backend's word on a launch under way (a pod pulling its image), for event streams."""
+
+    id: str
+    message: str
+
+
+Update = Deployment | Progress
+
+
+class Records:
+    def __init__(self, *, store: Store, metrics: Metrics, max_deployments: int) -> None:
+        self._store = store
+        self._metrics = metrics
+        self.max_deployments = max_deployments
+        self._view: OrderedDict[str, Deployment] = OrderedDict()
+        self._active: dict[str, str] = {}
+        """Active (deploying or deployed, pooled too) deployment ids and their templates."""
+        self._watchers: dict[str, set[asyncio.Queue[Update]]] = {}
+
+    async def open(self) -> list[Deployment]:
+        """Connect, and count what is active; returns the active records (for reconcile)."""
+        await self._store.open()
+        live = await self._store.find(statuses=ACTIVE, pooled=None)
+        self._active = {d.id: d.template for d in live}
+        for dep in live:
+            self._remember(dep)
+        return live
+
+    async def ping(self) -> None:
+        await self._store.ping()
+
+    async def close(self) -> None:
+        await self._store.close()
+
+    # --- the view -----------------------------------------------------------------------------
+
+    def _remember(self, dep: Deployment) -> None:
+        self._view[dep.id] = dep
+        self._view.move_to_end(dep.id)
+        while len(self._view) > CACHE_SIZE:
+            self._view.popitem(last=False)
+        if dep.status.final:
+            self._active.pop(dep.id, None)
+        for queue in self._watchers.get(dep.id, ()):
+            queue.put_nowait(dep)
+
+    async def get(self, dep_id: str) -> Deployment | None:
+        dep = self._view.get(dep_id)
+        if dep is None:
+            dep = await self._store.get(dep_id)
+            if dep is not None:
+                self._remember(dep)
+        return dep
+
+    def cached(self, dep_id: str) -> Deployment | None:
+        return self._view.get(dep_id)
+
+    async def find(
+        self,
+        *,
+        template: str | None = None,
+        statuses: Iterable[Status] | None = None,
+        pooled: bool | None = False,
+        limit: int = 0,
+    ) -> list[Deployment]:
+        return await self._store.find(
+            template=template, statuses=statuses, pooled=pooled, limit=limit
+        )
+
+    def active_count(self, template: str | None = None) -> int:
+        if template is None:
+            return len(self._active)
+        return sum(1 for t in self._active.values() if t == template)
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def _reserve(self, dep: Deployment, template_limit: int | None) -> None:
+        if len(self._active) >= self.max_deployments:
+            self._metrics.errors.labels(type="capacity").inc()
+            raise CapacityError(
+                f"the server runs its maximum of {self.max_deployments} deployments; retry later",
+                headers=RETRY_AFTER,
+            )
+        if template_limit is not None and self.active_count(dep.template) >= template_limit:
+            self._metrics.errors.labels(type="capacity").inc()
+            raise CapacityError(
+                f"template {dep.template} runs its maximum of {template_limit} deployments; "
+                "retry later",
+                headers=RETRY_AFTER,
+            )
+        self._active[dep.id] = dep.template
+
+    async def create(self, dep: Deployment, *, template_limit: int | None = None) -> None:
+        """Reserve capacity for ``dep`` (``CapacityError`` when full), then write it."""
+        self._reserve(dep, template_limit)
+        try:
+            await self._store.insert(dep)
+        except BaseException:
+            self._active.pop(dep.id, None)
+            raise
+        self._remember(dep)
+
+    def has_room(self) -> bool:
+        return len(self._active) < self.max_deployments
+
+    async def move(self, dep: Deployment, to: Status, change: Change) -> Deployment | None:
+        """Write ``dep``'s move to ``to`` (if still allowed) before anything acts on it.
+
+        None when the record has moved elsewhere meanwhile (a launch deleted while it ran)."""
+        moved = await self._store.move(dep.id, to, change)
+        if moved is None or moved.status is not to:
+            current = moved or await self._store.get(dep.id)
+            if current is not None:
+                self._remember(current)
+            return None
+        self._remember(moved)
+        self._metrics.transitions.labels(status=to.value).inc()
+        log = logger.bind(id=dep.id, template=dep.template)
+        if to is Status.FAILED:
+            log.warning("failed: {}", change.reason)
+        else:
+            log.info("{}{}", to.value, f": {change.reason}" if change.reason else "")
+        return moved
+
+    async def update(self, dep_id: str, change: Change) -> Deployment | None:
+        dep = await self._store.update(dep_id, change)
+        if dep is not None:
+            self._remember(dep)
+        return dep
+
+    async def claim_pooled(
+        self, template: str, *, created: datetime, cull_timeout_ms: int
+    ) -> Deployment | None:
+        dep = await self._store.claim_pooled(
+            template, created=created, cull_timeout_ms=cull_timeout_ms
+        )
+        if dep is not None:
+            self._remember(dep)
+        return dep
+
+    # --- watchers -----------------------------------------------------------------------------
+
+    def progress(self, dep_id: str, message: str) -> None:
+        """Tell the id's watchers what the backend reports of its launch."""
+        for queue in self._watchers.get(dep_id, ()):
+            queue.put_nowait(Progress(dep_id, message))
+
+    async def watch(self, dep_id: str) -> AsyncGenerator[Update, None]:
+        """The deployment now, then each change (and progress), until a final status."""
+        dep = await self.get(dep_id)
+        if dep is None:
+            raise NoRecordError(f"no deployment {dep_id}")
+        queue: asyncio.Queue[Update] = asyncio.Queue()
+        self._watchers.setdefault(dep_id, set()).add(queue)
+        try:
+            update: Update = self._view.get(dep_id, dep)
+            yield update
+            while not (isinstance(update, Deployment) and update.status.final):
+                update = await queue.get()
+                yield update
+        finally:
+            watchers = self._watchers.get(dep_id, set())
+            watchers.discard(queue)
+            if not watchers:
+                self._watchers.pop(dep_id, None)

@@ -1,0 +1,183 @@
+"""One suite over every implementation of the ``Store`` port: the real MongoDB store on the real
+database server, and the fake the unit tests use, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+
+import anyio
+import pytest
+from fakes import FakeStore
+from harness import Database
+
+from services.deploy_kubernetes.errors import ConflictError
+from services.deploy_kubernetes.models import (
+    Deployment,
+    Status,
+    Template,
+    new_id,
+    now,
+    parse_template,
+)
+from services.deploy_kubernetes.store import Change, MongoStore, Store
+
+pytestmark = pytest.mark.integration
+
+
+def _mongo(database: Database) -> Store:
+    return MongoStore(uri=database.uri, database=f"contract{secrets.token_hex(4)}")
+
+
+def _fake(database: Database) -> Store:
+    return FakeStore()
+
+
+@pytest.fixture(params=[_mongo, _fake], ids=["mongo", "fake"])
+def make_store(request: pytest.FixtureRequest, database: Database) -> Callable[[], Store]:
+    factory: Callable[[Database], Store] = request.param
+    return lambda: factory(database)
+
+
+def _dep(
+    template: str = "web",
+    *,
+    pooled: bool = False,
+    status: Status = Status.DEPLOYING,
+    age: float = 0.0,
+) -> Deployment:
+    return Deployment(
+        id=new_id(),
+        template=template,
+        status=status,
+        created=now() - timedelta(seconds=age),
+        cull_timeout_ms=1000,
+        pooled=pooled,
+        deployed_at=now() - timedelta(seconds=age) if status is Status.DEPLOYED else None,
+    )
+
+
+async def _open(make_store: Callable[[], Store]) -> AsyncIterator[Store]:
+    store = make_store()
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def run(make_store: Callable[[], Store], case: Callable[[Store], object]) -> None:
+    async def main() -> None:
+        async for store in _open(make_store):
+            await case(store)  # type: ignore[misc]
+
+    anyio.run(main)
+
+
+def test_insert_then_get_and_duplicate_refused(make_store: Callable[[], Store]) -> None:
+    async def case(store: Store) -> None:
+        dep = _dep()
+        await store.insert(dep)
+        assert await store.get(dep.id) == dep
+        assert await store.get(new_id()) is None
+        with pytest.raises(ConflictError):
+            await store.insert(dep)
+
+    run(make_store, case)
+
+
+def test_move_sets_fields_and_is_idempotent(make_store: Callable[[], Store]) -> None:
+    async def case(store: Store) -> None:
+        dep = _dep()
+        await store.insert(dep)
+        change = Change(location="h/user/x", url="http://h/user/x/", target="http://a:1")
+        moved = await store.move(dep.id, Status.DEPLOYED, change)
+        assert moved is not None
+        assert moved.status is Status.DEPLOYED
+        assert (moved.location, moved.target, moved.reason) == ("h/user/x", "http://a:1", None)
+        again = await store.move(dep.id, Status.DEPLOYED, change)  # a retried write that landed
+        assert again == moved
+        assert await store.move(dep.id, Status.DELETED, Change(reason="bye")) is not None
+        # final: no way back, and no other final status over it
+        assert await store.move(dep.id, Status.FAILED, Change(reason="late")) is None
+        final = await store.get(dep.id)
+        assert final is not None
+        assert (final.status, final.reason) == (Status.DELETED, "bye")
+        assert await store.move(new_id(), Status.DEPLOYED, change) is None
+
+    run(make_store, case)
+
+
+def test_update_sets_only_given_fields(make_store: Callable[[], Store]) -> None:
+    async def case(store: Store) -> None:
+        dep = _dep()
+        await store.insert(dep)
+        first = await store.update(dep.id, Change(target="http://a:1", backend_ref={"pid": 7}))
+        assert first is not None
+        assert (first.target, first.backend_ref, first.status) == (
+            "http://a:1",
+            {"pid": 7},
+            Status.DEPLOYING,
+        )
+        seen = now()
+        second = await store.update(dep.id, Change(last_activity=seen))
+        assert second is not None
+        assert (second.target, second.last_activity) == ("http://a:1", seen)
+        assert await store.update(new_id(), Change(target="x")) is None
+
+    run(make_store, case)
+
+
+def test_find_filters_and_orders_by_creation(make_store: Callable[[], Store]) -> None:
+    async def case(store: Store) -> None:
+        old = _dep("web", age=30)
+        new = _dep("web", age=1)
+        other = _dep("db", status=Status.DEPLOYED, age=10)
+        pooled = _dep("web", pooled=True, status=Status.DEPLOYED, age=5)
+        for dep in (new, other, pooled, old):
+            await store.insert(dep)
+        assert [d.id for d in await store.find(template="web")] == [old.id, new.id]
+        assert [d.id for d in await store.find(statuses=[Status.DEPLOYED])] == [other.id]
+        assert [d.id for d in await store.find(pooled=True)] == [pooled.id]
+        everything = await store.find(pooled=None)
+        assert [d.id for d in everything] == [old.id, other.id, pooled.id, new.id]
+        assert len(await store.find(pooled=None, limit=2)) == 2
+
+    run(make_store, case)
+
+
+def test_claim_pooled_hands_out_each_instance_once(make_store: Callable[[], Store]) -> None:
+    async def case(store: Store) -> None:
+        ready = [_dep("web", pooled=True, status=Status.DEPLOYED, age=a) for a in (3, 2)]
+        starting = _dep("web", pooled=True)
+        for dep in (*ready, starting):
+            await store.insert(dep)
+        claims: list[Deployment | None] = []
+
+        async def claim() -> None:
+            claims.append(await store.claim_pooled("web", created=now(), cull_timeout_ms=5))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(claim)
+        got = [c for c in claims if c is not None]
+        assert sorted(c.id for c in got) == sorted(d.id for d in ready)
+        assert all(not c.pooled and c.cull_timeout_ms == 5 for c in got)
+        assert claims.count(None) == 1
+
+    run(make_store, case)
+
+
+def test_templates_round_trip(make_store: Callable[[], Store]) -> None:
+    async def case(store: Store) -> None:
+        web = Template(name="web", command=("run",), env={"A": "1"}, pool_size=2)
+        await store.put_template(web)
+        await store.put_template(Template(name="api", command=("x",)))
+        assert await store.get_template("web") == parse_template(web.to_api())
+        assert [t.name for t in await store.list_templates()] == ["api", "web"]
+        assert await store.delete_template("web") is True
+        assert await store.delete_template("web") is False
+        assert await store.get_template("web") is None
+
+    run(make_store, case)
