@@ -1,0 +1,126 @@
+"""Nothing acknowledged is lost: kill -9 of the database and of the deploy server, a crash in
+the window between an app's spawn and its pid file, an app dying while the database is frozen.
+All against the real database server, proxy, deploy server and app processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from harness import Database, DeployServer, Proxy, wait_for
+
+from common.processes import alive, session_leaders_with
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def own_db(tmp_path: Path) -> Iterator[Database]:
+    """A database of the test's own, to kill and freeze."""
+    workdir = tmp_path / "own-db"
+    workdir.mkdir()
+    db = Database(workdir).start()
+    yield db
+    db.thaw()
+    db.stop()
+
+
+def _delete(deploy: DeployServer, dep_id: str) -> dict[str, object]:
+    response = httpx.delete(
+        f"{deploy.url}/applications/example/{dep_id}", headers=deploy.auth, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    data: dict[str, object] = response.json()
+    return data
+
+
+def _processes(dep_id: str) -> list[int]:
+    """Session leaders (apps) running for ``dep_id``, found by their environment."""
+    return list(session_leaders_with("BINDER_ID", dep_id))
+
+
+def test_acknowledged_states_survive_kill9_of_database_then_deploy_server(
+    own_db: Database, deploy_factory: Callable[..., DeployServer], proxy: Proxy
+) -> None:
+    deploy = deploy_factory(db=own_db).start()
+    acknowledged: dict[str, str] = {}
+    for _ in range(3):
+        ids = [deploy.launch() for _ in range(3)]
+        for dep_id in ids:
+            deploy.wait_status(dep_id, "deployed", timeout=30)
+        for dep_id in ids[:2]:
+            assert _delete(deploy, dep_id)["status"] == "deleted"
+            acknowledged[dep_id] = "deleted"
+        acknowledged[ids[2]] = "deployed"
+        late = deploy.launch()  # acknowledged an instant before the database dies
+        own_db.kill9()
+        own_db.start()
+        deploy.kill9()
+        deploy.start()
+        info = deploy.wait_status(late, "deployed", "failed", timeout=60)
+        acknowledged[late] = str(info["status"])
+        for dep_id, status in acknowledged.items():
+            assert deploy.status(dep_id)["status"] == status, dep_id
+    for dep_id, status in acknowledged.items():
+        running = _processes(dep_id)
+        if status == "deployed":
+            assert len(running) == 1, dep_id
+            assert proxy.get(f"/user/{dep_id}/").status_code == 200
+        else:
+            assert running == [], dep_id
+            assert f"/user/{dep_id}" not in proxy.routes()
+
+
+def test_crash_between_spawn_and_pid_file_leaves_one_process_per_id(
+    deploy_factory: Callable[..., DeployServer], proxy: Proxy
+) -> None:
+    deploy = deploy_factory(fault_record_delay_seconds=5.0).start()
+    dep_id = deploy.launch()
+    wait_for(lambda: _processes(dep_id), timeout=10, what="the app to be spawned")
+    assert dep_id not in deploy.app_pids(), "the window is open: no pid file yet"
+    deploy.kill9()
+    deploy.start()
+    info = deploy.wait_status(dep_id, "deployed", timeout=30)
+    assert info["status"] == "deployed"
+    assert len(_processes(dep_id)) == 1
+    assert proxy.get(f"/user/{dep_id}/").status_code == 200
+    assert deploy.app_pids()[dep_id] == _processes(dep_id)[0]
+    # and the found app is watched: when it dies, its record says so
+    os.killpg(_processes(dep_id)[0], signal.SIGKILL)
+    failed = deploy.wait_status(dep_id, "failed", timeout=15)
+    assert "process ended" in str(failed["reason"])
+
+
+def test_app_dying_while_database_is_frozen_ends_failed_once_it_is_back(
+    own_db: Database, deploy_factory: Callable[..., DeployServer], proxy: Proxy
+) -> None:
+    deploy = deploy_factory(db=own_db).start()
+    dep_id = deploy.launch()
+    deploy.wait_status(dep_id, "deployed", timeout=30)
+    pid = deploy.app_pids()[dep_id]
+    own_db.freeze()
+    try:
+        os.killpg(pid, signal.SIGKILL)
+        wait_for(lambda: not alive(pid), timeout=5, what="the app to die")
+        # readiness follows the database: not ready while it does not answer
+        wait_for(
+            lambda: httpx.get(deploy.url + "/health", timeout=5).status_code == 503,
+            timeout=10,
+            what="/health to say not ready while the database is frozen",
+        )
+        detail = httpx.get(deploy.url + "/health", timeout=5).json()
+        assert detail["database"] != "ok"
+    finally:
+        own_db.thaw()
+    info = deploy.wait_status(dep_id, "failed", timeout=30)
+    assert "SIGKILL" in str(info["reason"])
+    wait_for(lambda: f"/user/{dep_id}" not in proxy.routes(), timeout=10, what="route removed")
+    wait_for(
+        lambda: httpx.get(deploy.url + "/health", timeout=5).status_code == 200,
+        timeout=15,
+        what="/health ready again",
+    )
