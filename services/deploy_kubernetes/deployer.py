@@ -24,6 +24,7 @@ from services.deploy_kubernetes.errors import (
     NoRecordError,
     NoTemplateError,
 )
+from services.deploy_kubernetes.limits import ClientLimits
 from services.deploy_kubernetes.metrics import BackendCalls, Metrics
 from services.deploy_kubernetes.models import (
     Deployment,
@@ -53,6 +54,7 @@ class Deployer:
         max_deployments: int,
         default_cull_timeout_ms: int,
         launch_timeout_seconds: float,
+        client_limits: ClientLimits | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -62,6 +64,7 @@ class Deployer:
         self.max_deployments = max_deployments
         self.default_cull_timeout_ms = default_cull_timeout_ms
         self.launch_timeout = launch_timeout_seconds
+        self.client_limits = client_limits  # per-client limits: told when a deployment ends
         self.templates: dict[str, Template] = {}
         self._cache: OrderedDict[str, Deployment] = OrderedDict()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -92,8 +95,12 @@ class Deployer:
             raise NoRecordError(f"no deployment {dep_id} of template {template}")
         return dep
 
-    async def watch(self, template: str, dep_id: str) -> AsyncGenerator[Deployment, None]:
-        """The deployment now, then each change, until a final status."""
+    async def watch(
+        self, template: str, dep_id: str, *, idle_seconds: float | None = None
+    ) -> AsyncGenerator[Deployment | None, None]:
+        """The deployment now, then each change, until a final status; ``None`` after each
+        ``idle_seconds`` without a change (for a stream's keep-alive), so that one task can
+        consume it alone: an async generator must never be iterated by two tasks."""
         dep = await self.get(template, dep_id)
         queue: asyncio.Queue[Deployment] = asyncio.Queue()
         self._watchers.setdefault(dep_id, set()).add(queue)
@@ -101,7 +108,11 @@ class Deployer:
             dep = self._cache.get(dep_id, dep)
             yield dep
             while not dep.status.final:
-                dep = await queue.get()
+                try:
+                    dep = await asyncio.wait_for(queue.get(), idle_seconds)
+                except TimeoutError:
+                    yield None
+                    continue
                 yield dep
         finally:
             watchers = self._watchers.get(dep_id, set())
@@ -116,6 +127,8 @@ class Deployer:
         if to.final:
             fields.setdefault("ended_at", now())
         moved = await self.store.transition(dep.id, sources_of(to), to, **fields)
+        if to.final and self.client_limits is not None:  # per-client limits: its slot is free
+            self.client_limits.note_end(dep.id)
         if moved is None:
             current = await self.store.get(dep.id)
             if current is not None:
@@ -155,14 +168,16 @@ class Deployer:
 
     # --- launch -------------------------------------------------------------------------------
 
-    async def launch(self, template_name: str, cull_timeout_ms: int | None) -> Deployment:
+    async def launch(
+        self, template_name: str, cull_timeout_ms: int | None, *, client: str | None = None
+    ) -> Deployment:
         template = self.template(template_name)
         cull = cull_timeout_ms or template.cull_timeout_ms or self.default_cull_timeout_ms
         self.metrics.launches.labels(template=template.name).inc()
         started = time.monotonic()
         if template.pool_size:
             claimed = await self.store.claim_pooled(
-                template.name, created=now(), cull_timeout_ms=cull
+                template.name, created=now(), cull_timeout_ms=cull, client=client
             )
             if claimed is not None:
                 self._remember(claimed)
@@ -180,6 +195,7 @@ class Deployer:
                 status=Status.DEPLOYING,
                 created=now(),
                 cull_timeout_ms=cull,
+                client=client,
             )
             await self.store.insert(dep)
         self._remember(dep)

@@ -12,7 +12,7 @@ from common.background import Background
 from services.deploy_kubernetes.culler import Culler, Keeper
 from services.deploy_kubernetes.deployer import Deployer
 from services.deploy_kubernetes.errors import BinderError, MalformedRequestError
-from services.deploy_kubernetes.models import Template, parse_template
+from services.deploy_kubernetes.models import Status, Template, parse_template
 from services.deploy_kubernetes.pools import Pools
 from services.deploy_kubernetes.reconcile import reconcile
 
@@ -82,6 +82,11 @@ class Service:
                     await self.deployer.store.put_template(template)
                 await self.deployer.load_templates()
                 await reconcile(self.deployer)
+                if self.deployer.client_limits is not None:  # per-client limits: seed the counts
+                    active = [Status.DEPLOYING, Status.DEPLOYED]
+                    self.deployer.client_limits.seed(
+                        await self.deployer.store.find(statuses=active)
+                    )
                 break
             except BinderError as exc:
                 logger.warning("waiting for the database and proxy: {}", exc.message)
