@@ -205,9 +205,15 @@ class LocalBackend:
         )
         limit = memory_bytes(template.limits["memory"]) if "memory" in template.limits else None
 
+        app = self._user
+
         def preexec() -> None:  # runs in the child between fork and exec
             if limit:
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            if app is not None:  # here, not Popen's user=: uvloop's subprocesses lack it
+                os.setgroups([])
+                os.setgid(app.gid)
+                os.setuid(app.uid)
 
         log_path = self._log_dir / f"{spec.id}.log"
         try:
@@ -222,9 +228,6 @@ class LocalBackend:
                     start_new_session=True,
                     preexec_fn=preexec,
                     cwd=workdir,
-                    user=self._user.uid if self._user else None,
-                    group=self._user.gid if self._user else None,
-                    extra_groups=[] if self._user else None,
                 )
         except OSError as exc:
             raise LaunchError(f"could not start {argv[0]!r}: {exc.strerror or exc}") from exc
