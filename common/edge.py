@@ -43,6 +43,7 @@ class EdgeH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_bytes = 0
+        self._tail = b""  # the last bytes of the head so far (its end may straddle two reads)
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
         super().connection_made(transport)
@@ -55,10 +56,13 @@ class EdgeH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # lingering after a refusal: the rest of the head is dropped
-        if self.conn.their_state is h11.IDLE:  # bytes of a request head
+        if self.conn.their_state is h11.IDLE:  # bytes of a request head (and maybe its body)
             if self._timer is None:
                 self._arm(self.limits.header_timeout_seconds, self._head_too_slow)
-            self._head_bytes += len(data)
+            window = self._tail + data
+            end = window.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else end + 4 - len(self._tail)
+            self._tail = window[-3:]
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse_head()
                 return
@@ -66,7 +70,7 @@ class EdgeH11Protocol(H11Protocol):
         state = self.conn.their_state
         if state is h11.IDLE:
             return  # the head is not complete yet: its deadline keeps running
-        self._head_bytes = 0
+        self._head_bytes, self._tail = 0, b""
         if state is h11.SEND_BODY:
             self._arm(self.limits.idle_timeout_seconds, self._body_stalled)
         else:
