@@ -77,3 +77,14 @@ def test_launches_per_minute_are_limited_per_client(
         assert 0 < int(refused.headers["Retry-After"]) <= 60
         assert _launch(two, deploy).status_code == 200
         assert _launch(one, deploy, Authorization=deploy.api_key).status_code == 200
+
+
+def test_concurrent_launches_of_one_client_never_exceed_its_limit(
+    deploy_factory: Callable[..., DeployServer],
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    deploy = deploy_factory(per_client_max_deployments=3).start()
+    with _client("127.0.0.4") as one, ThreadPoolExecutor(max_workers=12) as pool:
+        codes = sorted(pool.map(lambda _: _launch(one, deploy).status_code, range(12)))
+    assert codes == [200] * 3 + [429] * 9
