@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
 
+from common.edge import HeaderCountLimit, edge_protocol
 from common.errors import BinderError
-from common.settings import Settings, load_settings
+from common.settings import HttpSettings, Settings, load_settings
 
 
-def serve(app: Starlette, *, host: str, port: int, grace_seconds: int) -> None:
-    """Serve until SIGTERM/SIGINT, then finish requests for up to ``grace_seconds``."""
+def serve(
+    app: Starlette, *, host: str, port: int, grace_seconds: int, limits: HttpSettings
+) -> None:
+    """Serve until SIGTERM/SIGINT, then finish requests for up to ``grace_seconds``.
+
+    The edge ``limits`` bound every connection (see :mod:`common.edge`). ``X-Forwarded-For`` is
+    not believed here: uvicorn would believe it from loopback, and the deploy API decides which
+    proxies it trusts itself."""
     uvicorn.run(
-        app,
+        HeaderCountLimit(app, max_count=limits.max_header_count),
         host=host,
         port=port,
+        http=edge_protocol(limits),
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        timeout_keep_alive=max(1, math.ceil(limits.idle_timeout_seconds)),
+        limit_concurrency=limits.max_connections,
+        proxy_headers=False,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=grace_seconds,

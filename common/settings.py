@@ -10,6 +10,7 @@ environment and are ``repr=False``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -110,6 +111,38 @@ class DockerSettings:
 
 
 @dataclass(frozen=True)
+class LocalSettings:
+    user: str = ""
+    """Unprivileged user the apps run as; empty means the dedicated ``binder-app`` user (created by
+    ``make setup`` when run as root). A server that is not root runs apps as its own user."""
+    allow_root: bool = False
+    """Allow apps to run as root (never wise on a public host); without it the server refuses."""
+    workdir: str = ""
+    """Folder holding each app's working directory (outside the home); empty means
+    ``<temp dir>/binder-apps-<uid of the server>``."""
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Edge limits of the suite's HTTP services (the deploy API and the log aggregator)."""
+
+    max_header_bytes: int = 32768
+    """Largest request line plus headers; a larger one is answered 431 and the connection closed."""
+    max_header_count: int = 100
+    """Most header fields in one request; more are answered 431."""
+    header_timeout_seconds: float = 10
+    """A request whose line and headers have not all arrived this long after its first byte (or
+    after the connection opened) is cut."""
+    idle_timeout_seconds: float = 15
+    """A connection that sends nothing this long (between requests, or within a request body) is
+    closed."""
+    max_connections: int = 1000
+    """Open connections and requests at once; beyond it new requests are answered 503."""
+    max_json_depth: int = 32
+    """Deepest nesting of arrays and objects accepted in a JSON body (deeper: 422)."""
+
+
+@dataclass(frozen=True)
 class DeploySettings:
     host: str = "0.0.0.0"
     """Bind address of the deploy API."""
@@ -134,6 +167,13 @@ class DeploySettings:
     fault_record_delay_seconds: float = 0.0
     """For fault-injection tests only: a pause between a local app's spawn and its pid file,
     which makes the window in which a crash used to orphan an app wide enough to hit."""
+    per_client_max_deployments: int = 20
+    """Deployments (deploying or deployed) one client address may hold at once."""
+    per_client_launches_per_minute: int = 30
+    """Launches one client address may start in any 60 seconds."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or networks whose ``X-Forwarded-For`` names the client."""
+    local: LocalSettings = field(default_factory=LocalSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
 
@@ -146,6 +186,7 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     api_key: str = field(default="", repr=False)
     """The deploy API key (secret; environment or the stored key file only)."""
 
@@ -249,7 +290,20 @@ def _build(cls: type, raw: Mapping[str, Any], *, source: str, prefix: str) -> ob
     return cls(**kwargs)
 
 
+def _string_list(value: Any, *, source: str, key: str) -> tuple[str, ...]:
+    """A list of strings: a TOML array, or a comma-separated environment variable."""
+    if isinstance(value, _EnvValue):
+        return tuple(part.strip() for part in value.text.split(",") if part.strip())
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"{source}: '{key}' must be a list of strings, got {type(value).__name__} {value!r}"
+        )
+    return tuple(value)
+
+
 def _coerce(kind: Any, value: Any, *, source: str, key: str) -> Any:
+    if typing.get_origin(kind) is tuple:
+        return _string_list(value, source=source, key=key)
     if isinstance(value, _EnvValue):
         source, text = value.name, value.text
         try:
@@ -308,10 +362,23 @@ def _check(settings: Settings, *, source: str) -> None:
         "deploy.cull_interval_seconds": settings.deploy.cull_interval_seconds,
         "deploy.launch_timeout_seconds": settings.deploy.launch_timeout_seconds,
         "logging.retention_days": settings.logging.retention_days,
+        "deploy.per_client_max_deployments": settings.deploy.per_client_max_deployments,
+        "deploy.per_client_launches_per_minute": settings.deploy.per_client_launches_per_minute,
+        **{
+            f"http.{f.name}": getattr(settings.http, f.name)
+            for f in dataclasses.fields(HttpSettings)
+        },
     }
     for key, number in positive.items():
         if number <= 0:
             raise ConfigError(f"{source}: '{key}' must be greater than 0, got {number}")
+    for address in settings.deploy.trusted_proxies:
+        try:
+            ipaddress.ip_network(address, strict=False)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{source}: 'deploy.trusted_proxies' must list IP addresses or networks, got {address!r}"
+            ) from exc
 
 
 def dump_toml(settings: Settings, *, secrets: str = "omit") -> str:
@@ -322,6 +389,8 @@ def dump_toml(settings: Settings, *, secrets: str = "omit") -> str:
             return "true" if v else "false"
         if isinstance(v, int | float):
             return repr(v)
+        if isinstance(v, tuple):
+            return "[" + ", ".join(value(item) for item in v) + "]"
         text = str(v).replace("\\", "\\\\").replace('"', '\\"')
         return f'"{text}"'
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from typing import Any
 
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from common.errors import (
@@ -20,6 +21,7 @@ from common.errors import (
     UnauthorizedError,
 )
 
+DEFAULT_JSON_DEPTH = 32
 HTTP_TYPES = {404: "notFound", 405: "methodNotAllowed", 400: "malformedRequest"}
 
 
@@ -63,19 +65,39 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise PayloadTooLargeError(f"body larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"body larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(f"body larger than {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:  # the client left, or its body stalled past the idle timeout
+        raise MalformedRequestError("body: the client stopped sending it") from exc
     return b"".join(chunks)
 
 
-async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def check_json_depth(body: bytes, limit: int) -> None:
+    """Refuse (422) JSON nested deeper than ``limit`` arrays and objects, before the parser
+    recurses into it (Python's parser would raise ``RecursionError``)."""
+    depth = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', body)):
+        depth += 1 if match.group() in (b"[", b"{") else -1
+        if depth > limit:
+            raise MalformedRequestError(f"body: JSON nested deeper than {limit} levels")
+
+
+async def read_json_object(
+    request: Request, limit: int, *, max_depth: int = DEFAULT_JSON_DEPTH
+) -> dict[str, Any]:
     """A JSON object body; an empty body is an empty object."""
     body = await read_body(request, limit)
     if not body.strip():
         return {}
+    check_json_depth(body, max_depth)
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -94,9 +116,14 @@ def presented_key(request: Request) -> str:
     return header
 
 
-def require_key(request: Request, api_key: str) -> None:
+def has_key(request: Request, api_key: str) -> bool:
+    """Whether the request carries the API key (compared in constant time)."""
     given = presented_key(request)
-    if not api_key or not given or not hmac.compare_digest(given.encode(), api_key.encode()):
+    return bool(api_key and given and hmac.compare_digest(given.encode(), api_key.encode()))
+
+
+def require_key(request: Request, api_key: str) -> None:
+    if not has_key(request, api_key):
         raise UnauthorizedError("missing or wrong API key in the Authorization header")
 
 

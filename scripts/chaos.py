@@ -86,6 +86,8 @@ class Suite:
             f"[logging]\nport = {self.ports['logging']}\n"
             f'[deploy]\nport = {self.ports["deploy"]}\nhost = "127.0.0.1"\n'
             "max_deployments = 60\nlaunch_timeout_seconds = 30\n"
+            # every client of the load is 127.0.0.1: lift the per-client limits
+            "per_client_max_deployments = 1000\nper_client_launches_per_minute = 1000000\n"
         )
         self.url = f"http://127.0.0.1:{self.ports['deploy']}"
         self.proxy_url = f"http://127.0.0.1:{self.ports['proxy']}"

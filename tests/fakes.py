@@ -94,7 +94,7 @@ class FakeStore:
         return out[:limit] if limit else out
 
     async def claim_pooled(
-        self, template: str, *, created: datetime, cull_timeout_ms: int
+        self, template: str, *, created: datetime, cull_timeout_ms: int, client: str | None
     ) -> Deployment | None:
         self._check()
         ready = await self.find(template=template, statuses=[Status.DEPLOYED], pooled=True)
@@ -102,7 +102,7 @@ class FakeStore:
             return None
         first = min(ready, key=lambda d: d.deployed_at or d.created)
         self.deps[first.id] = replace(
-            first, pooled=False, created=created, cull_timeout_ms=cull_timeout_ms
+            first, pooled=False, created=created, cull_timeout_ms=cull_timeout_ms, client=client
         )
         return self.deps[first.id]
 

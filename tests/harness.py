@@ -223,7 +223,17 @@ class Proxy:
 class DeployServer:
     """The deploy server as a real process (``python -m services.deploy_kubernetes``)."""
 
-    def __init__(self, workdir: Path, db: Database, proxy: Proxy, **deploy: Any) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        db: Database,
+        proxy: Proxy,
+        *,
+        sections: dict[str, dict[str, Any]] | None = None,
+        **deploy: Any,
+    ) -> None:
+        """``deploy`` options go to ``[deploy]``; ``sections`` adds other tables
+        (``{"http": {"header_timeout_seconds": 1}}``)."""
         self.workdir, self.db, self.proxy = workdir, db, proxy
         self.port = free_port()
         self.api_key = secrets.token_hex(16)
@@ -243,6 +253,8 @@ class DeployServer:
             "[deploy]",
             *(f"{k} = {_toml(v)}" for k, v in options.items()),
         ]
+        for name, table in (sections or {}).items():
+            lines += [f"[{name}]", *(f"{k} = {_toml(v)}" for k, v in table.items())]
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: Proc | None = None
         self._client: httpx.Client | None = None
@@ -330,6 +342,8 @@ class DeployServer:
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)

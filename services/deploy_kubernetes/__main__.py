@@ -15,6 +15,7 @@ from common.errors import BinderError
 from common.logs import configure_logging
 from common.serve import serve, service_parser, settings_or_exit
 from services.deploy_kubernetes.app import create_app, stop_apps
+from services.deploy_kubernetes.backends.local import app_user
 from services.logging.sink import AggregatorSink
 
 
@@ -37,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"stopped {count} apps")
         return 0
+    if settings.deploy.backend == "local":
+        try:
+            app_user(settings.deploy.local)  # refused before anything starts, naming the key
+        except BinderError as exc:
+            print(f"deploy-kubernetes: {exc.message}", file=sys.stderr)
+            return 1
     sink = AggregatorSink(settings.logging.url)
     configure_logging("deploy-kubernetes", sinks=[sink])
     if not settings.api_key:
@@ -53,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             host=settings.deploy.host,
             port=settings.deploy.port,
             grace_seconds=5,
+            limits=settings.http,
         )
     finally:
         sink.close()

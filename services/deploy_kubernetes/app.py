@@ -9,13 +9,16 @@ from typing import Any
 
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from common.errors import ConfigError
 from common.proxy import Proxy, ProxyClient
 from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS
+from services.deploy_kubernetes.access import AccessLog
 from services.deploy_kubernetes.backends.base import Backend
 from services.deploy_kubernetes.errors import BinderError
+from services.deploy_kubernetes.limits import ClientLimits
 from services.deploy_kubernetes.metrics import Metrics
 from services.deploy_kubernetes.models import Status, now
 from services.deploy_kubernetes.routes import ROUTES
@@ -26,11 +29,18 @@ from services.deploy_kubernetes.store import Change, MongoStore, Store
 def build_backend(settings: Settings) -> Backend:
     """The backend the settings name."""
     if settings.deploy.backend == "local":
-        from services.deploy_kubernetes.backends.local import LocalBackend
+        from services.deploy_kubernetes.backends.local import (
+            LocalBackend,
+            app_user,
+            workdir_root,
+        )
 
         return LocalBackend(
             state_dir=settings.home / "run" / "local",
             log_dir=settings.home / "logs" / "apps",
+            user=app_user(settings.deploy.local),
+            workdirs=workdir_root(settings.deploy.local),
+            home=settings.home,
             record_delay=settings.deploy.fault_record_delay_seconds,
         )
     if settings.deploy.backend == "docker":
@@ -81,6 +91,11 @@ def create_app(
     """The deploy API; ``backend``, ``store`` and ``proxy`` default to the configured real ones.
 
     ``collectors`` are added to its /metrics (the log sink's dropped-records count)."""
+    client_limits = ClientLimits(
+        max_deployments=settings.deploy.per_client_max_deployments,
+        launches_per_minute=settings.deploy.per_client_launches_per_minute,
+        trusted_proxies=settings.deploy.trusted_proxies,
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -93,16 +108,22 @@ def create_app(
                 token=settings.proxy.token,
                 public_url=settings.proxy.public_url,
             ),
-            metrics=Metrics(*collectors),
+            metrics=Metrics(*collectors, client_limits.collector()),
             options=options(settings, keeper_interval=keeper_interval),
+            client_limits=client_limits,
         )
         await service.start()
         try:
-            yield {"service": service}
+            yield {"service": service, "client_limits": client_limits, "edge": settings.http}
         finally:
             await service.stop()
 
-    return Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    return Starlette(
+        routes=ROUTES,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+        middleware=[Middleware(AccessLog, client_of=client_limits.client_of)],
+    )
 
 
 async def stop_apps(settings: Settings) -> int:

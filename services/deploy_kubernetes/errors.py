@@ -23,6 +23,7 @@ __all__ = [
     "NoRecordError",
     "NoTemplateError",
     "PayloadTooLargeError",
+    "RateLimitedError",
     "UnauthorizedError",
 ]
 
@@ -40,6 +41,13 @@ class NoRecordError(BinderError):
 class CapacityError(BinderError):
     status_code = 429
     type = "capacity"
+
+
+class RateLimitedError(BinderError):
+    """A client over its own limits (per-client deployments or launches per minute)."""
+
+    status_code = 429
+    type = "rateLimited"
 
 
 class BadBackendError(BinderError):

@@ -51,14 +51,17 @@ class Launcher:
         self._default_cull = default_cull_timeout_ms
         self.timeout = launch_timeout_seconds
 
-    async def launch(self, template_name: str, cull_timeout_ms: int | None) -> Deployment:
+    async def launch(
+        self, template_name: str, cull_timeout_ms: int | None, *, client: str | None = None
+    ) -> Deployment:
+        """Launch ``template_name`` for ``client`` (``api-key`` or an address, for the record)."""
         template = self._catalog.get(template_name)
         cull = cull_timeout_ms or template.cull_timeout_ms or self._default_cull
         self._metrics.launches.labels(template=template.name).inc()
         started = time.monotonic()
         if template.pool_size:
             claimed = await self._records.claim_pooled(
-                template.name, created=now(), cull_timeout_ms=cull
+                template.name, created=now(), cull_timeout_ms=cull, client=client
             )
             if claimed is not None:
                 self._changed.set()
@@ -73,6 +76,7 @@ class Launcher:
             status=Status.DEPLOYING,
             created=now(),
             cull_timeout_ms=cull,
+            client=client,
         )
         await self._records.create(dep, template_limit=template.max_deployments)
         self.resume(dep, template)

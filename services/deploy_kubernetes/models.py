@@ -84,6 +84,8 @@ class Deployment:
     deployed_at: datetime | None = None
     last_activity: datetime | None = None
     ended_at: datetime | None = None
+    client: str | None = None
+    """Who launched it: ``api-key``, or the anonymous client's address (never shown publicly)."""
 
     @property
     def route(self) -> str:
@@ -139,17 +141,19 @@ class Template:
     pool_size: int = 0
     max_deployments: int | None = None
 
-    def to_api(self) -> dict[str, Any]:
+    def to_api(self, *, with_env: bool = True) -> dict[str, Any]:
+        """The template as the API shows it; ``env`` values only to holders of the key."""
         out: dict[str, Any] = {
             "name": self.name,
             "image-name": self.image_name,
             "image-source": self.image_source,
             "command": list(self.command),
             "port": self.port,
-            "env": dict(self.env),
             "limits": dict(self.limits),
             "pool-size": self.pool_size,
         }
+        if with_env:
+            out["env"] = dict(self.env)
         if self.cull_timeout_ms is not None:
             out["cull-timeout"] = self.cull_timeout_ms
         if self.max_deployments is not None:

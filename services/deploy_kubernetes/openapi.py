@@ -29,7 +29,9 @@ def _errors(*codes: int) -> dict[str, Any]:
         404: "Unknown template or id",
         413: "Body too large",
         422: "Malformed request (the error names the field)",
-        429: "Capacity reached; see Retry-After",
+        429: "Capacity reached (type capacity), or this client over its own limits (type "
+        "rateLimited: per_client_max_deployments or per_client_launches_per_minute); see Retry-After",
+        431: "Request headers too large or too many",
         503: "Database, proxy or backend unreachable",
     }
     out = {str(c): _json(_ref("Error"), text[c]) for c in codes}
@@ -52,7 +54,7 @@ def _op(
     body: dict[str, Any] | None = None,
     body_required: bool = False,
 ) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": {"200": ok, **_errors(*errors)}}
+    op: dict[str, Any] = {"summary": summary, "responses": {"200": ok, **_errors(*errors, 431)}}
     if params:
         op["parameters"] = params
     if body is not None:
@@ -310,7 +312,10 @@ SCHEMAS: dict[str, Any] = {
             "port": {"type": "integer"},
             "image-name": {"type": "string"},
             "image-source": {"type": "string"},
-            "env": {"type": "object"},
+            "env": {
+                "type": "object",
+                "description": "Only shown to requests carrying the API key",
+            },
             "limits": {"type": "object"},
             "cull-timeout": {"type": "integer"},
             "pool-size": {"type": "integer"},

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -39,8 +39,17 @@ Update = Deployment | Progress
 
 
 class Records:
-    def __init__(self, *, store: Store, metrics: Metrics, max_deployments: int) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        metrics: Metrics,
+        max_deployments: int,
+        on_end: Callable[[str], None] | None = None,
+    ) -> None:
         self._store = store
+        self._on_end = on_end
+        """Told the id of each deployment that reaches a final status (per-client limits)."""
         self._metrics = metrics
         self.max_deployments = max_deployments
         self._view: OrderedDict[str, Deployment] = OrderedDict()
@@ -72,6 +81,8 @@ class Records:
             self._view.popitem(last=False)
         if dep.status.final:
             self._active.pop(dep.id, None)
+            if self._on_end is not None:
+                self._on_end(dep.id)
         for queue in self._watchers.get(dep.id, ()):
             queue.put_nowait(dep)
 
@@ -160,10 +171,10 @@ class Records:
         return dep
 
     async def claim_pooled(
-        self, template: str, *, created: datetime, cull_timeout_ms: int
+        self, template: str, *, created: datetime, cull_timeout_ms: int, client: str | None
     ) -> Deployment | None:
         dep = await self._store.claim_pooled(
-            template, created=created, cull_timeout_ms=cull_timeout_ms
+            template, created=created, cull_timeout_ms=cull_timeout_ms, client=client
         )
         if dep is not None:
             self._remember(dep)
@@ -176,8 +187,12 @@ class Records:
         for queue in self._watchers.get(dep_id, ()):
             queue.put_nowait(Progress(dep_id, message))
 
-    async def watch(self, dep_id: str) -> AsyncGenerator[Update, None]:
-        """The deployment now, then each change (and progress), until a final status."""
+    async def watch(
+        self, dep_id: str, *, idle_seconds: float | None = None
+    ) -> AsyncGenerator[Update | None, None]:
+        """The deployment now, then each change (and progress), until a final status; ``None``
+        after each ``idle_seconds`` without news (a stream's keep-alive), so that one task can
+        consume it alone: an async generator must never be iterated by two tasks."""
         dep = await self.get(dep_id)
         if dep is None:
             raise NoRecordError(f"no deployment {dep_id}")
@@ -187,7 +202,11 @@ class Records:
             update: Update = self._view.get(dep_id, dep)
             yield update
             while not (isinstance(update, Deployment) and update.status.final):
-                update = await queue.get()
+                try:
+                    update = await asyncio.wait_for(queue.get(), idle_seconds)
+                except TimeoutError:
+                    yield None
+                    continue
                 yield update
         finally:
             watchers = self._watchers.get(dep_id, set())

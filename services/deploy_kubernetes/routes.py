@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from loguru import logger
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from common.web import metrics_response, read_json_object, require_key
+from common.settings import HttpSettings
+from common.web import has_key, metrics_response, read_json_object, require_key
 from services.deploy_kubernetes.errors import MalformedRequestError
+from services.deploy_kubernetes.limits import KEY_CLIENT, ClientLimits
 from services.deploy_kubernetes.models import Status, check_name, parse_cull_timeout, parse_template
 from services.deploy_kubernetes.openapi import openapi_document
 from services.deploy_kubernetes.records import Progress, Update
@@ -34,6 +35,19 @@ def _auth(request: Request) -> Service:
     return service
 
 
+async def _json(request: Request) -> dict[str, Any]:
+    """The JSON object body, within the edge limits."""
+    edge: HttpSettings = request.state.edge
+    return await read_json_object(request, MAX_BODY, max_depth=edge.max_json_depth)
+
+
+def _who(request: Request) -> str:
+    """Who asks, for the audit trail: ``api-key``, or the anonymous client's address."""
+    limits: ClientLimits = request.state.client_limits
+    client = limits.client_of(request)
+    return f"{KEY_CLIENT} from {client}" if has_key(request, _service(request).api_key) else client
+
+
 def _only(body: dict[str, Any], allowed: set[str]) -> None:
     for key in body:
         if key not in allowed:
@@ -44,7 +58,7 @@ async def launch(request: Request) -> Response:
     service = _service(request)
     if service.launch_requires_key:
         require_key(request, service.api_key)
-    body = await read_json_object(request, MAX_BODY)
+    body = await _json(request)
     await service.check_launchable()
     if "template" in request.path_params:
         _only(body, {"cull-timeout"})
@@ -56,9 +70,24 @@ async def launch(request: Request) -> Response:
             raise MalformedRequestError("template-name: required, a string")
     check_name(template)
     cull = body.get("cull-timeout")
-    dep = await service.launcher.launch(
-        template, None if cull is None else parse_cull_timeout(cull)
-    )
+    cull_ms = None if cull is None else parse_cull_timeout(cull)
+    # per-client limits: a slot is taken before the launch and bound to its deployment after
+    limits: ClientLimits = request.state.client_limits
+    client = limits.client_of(request)
+    keyed = has_key(request, service.api_key)
+    reservation = None if keyed else limits.reserve(client)
+    try:
+        dep = await service.launcher.launch(
+            template, cull_ms, client=KEY_CLIENT if keyed else client
+        )
+    except BaseException:
+        if reservation is not None:
+            reservation.cancel()  # no deployment was made
+        raise
+    if reservation is not None:
+        reservation.bind(dep.id)
+    request.state.deployment_id = dep.id
+    logger.bind(id=dep.id, template=template).info("launched by {}", _who(request))
     return JSONResponse({"id": dep.id})
 
 
@@ -87,35 +116,28 @@ async def list_deployments(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     service = _auth(request)
     dep = await service.delete(request.path_params["template"], request.path_params["id"])
+    logger.bind(id=dep.id, template=dep.template).info("delete asked by {}", _who(request))
     return JSONResponse(dep.to_api())
 
 
 async def events(request: Request) -> Response:
     service = _service(request)
-    updates = service.watch(request.path_params["template"], request.path_params["id"])
+    updates = service.watch(
+        request.path_params["template"],
+        request.path_params["id"],
+        idle_seconds=SSE_KEEPALIVE_SECONDS,
+    )
     first = await anext(updates)  # errors (404, 422) are answered before the stream starts
+    assert first is not None
 
     async def stream() -> AsyncIterator[str]:
-        yield _sse(first)
-        pending: asyncio.Task[Any] | None = None
+        # ``updates`` is consumed by this task alone: a client that leaves cancels this task
+        # inside it, which ends it too; a leaving client is normal and logs nothing.
         try:
-            while True:
-                pending = pending or asyncio.ensure_future(anext(updates))
-                done, _ = await asyncio.wait({pending}, timeout=SSE_KEEPALIVE_SECONDS)
-                if not done:
-                    yield ": keep-alive\n\n"
-                    continue
-                try:
-                    dep = pending.result()
-                except StopAsyncIteration:
-                    return
-                pending = None
-                yield _sse(dep)
+            yield _sse(first)
+            async for dep in updates:
+                yield ": keep-alive\n\n" if dep is None else _sse(dep)
         finally:
-            if pending is not None:  # the client left: end the waiting read before closing
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await pending
             await updates.aclose()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -139,24 +161,31 @@ async def preload(request: Request) -> Response:
 
 
 async def list_templates(request: Request) -> Response:
-    return JSONResponse([t.to_api() for t in _service(request).catalog.all()])
+    service = _service(request)
+    keyed = has_key(request, service.api_key)  # env values only to holders of the key
+    return JSONResponse([t.to_api(with_env=keyed) for t in service.catalog.all()])
 
 
 async def get_template(request: Request) -> Response:
-    return JSONResponse(_service(request).catalog.get(request.path_params["name"]).to_api())
+    service = _service(request)
+    template = service.catalog.get(request.path_params["name"])
+    return JSONResponse(template.to_api(with_env=has_key(request, service.api_key)))
 
 
 async def put_template(request: Request) -> Response:
     service = _auth(request)
     name = check_name(request.path_params["name"], "name")
-    template = parse_template(await read_json_object(request, MAX_BODY), name=name)
+    template = parse_template(await _json(request), name=name)
     await service.catalog.put(template)
+    logger.bind(template=name).info("template {} registered by {}", name, _who(request))
     return JSONResponse(template.to_api())
 
 
 async def delete_template(request: Request) -> Response:
     service = _auth(request)
     await service.catalog.delete(request.path_params["name"])
+    name = request.path_params["name"]
+    logger.bind(template=name).info("template {} removed by {}", name, _who(request))
     return JSONResponse({"name": request.path_params["name"], "deleted": True})
 
 
@@ -165,7 +194,7 @@ async def pools(request: Request) -> Response:
     template = request.path_params["template"]
     if request.method == "GET":
         return JSONResponse(await service.pools.state(template))
-    body = await read_json_object(request, MAX_BODY)
+    body = await _json(request)
     _only(body, {"size"})
     size = body.get("size")
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= 1000:

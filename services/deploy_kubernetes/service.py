@@ -25,6 +25,7 @@ from services.deploy_kubernetes.ending import Ender, Launches
 from services.deploy_kubernetes.errors import BinderError, MalformedRequestError, NoRecordError
 from services.deploy_kubernetes.keeper import Keeper
 from services.deploy_kubernetes.launcher import Launcher
+from services.deploy_kubernetes.limits import ClientLimits
 from services.deploy_kubernetes.metrics import BackendCalls, Metrics
 from services.deploy_kubernetes.models import (
     Deployment,
@@ -72,7 +73,14 @@ class Options:
 
 class Service:
     def __init__(
-        self, *, store: Store, backend: Backend, proxy: Proxy, metrics: Metrics, options: Options
+        self,
+        *,
+        store: Store,
+        backend: Backend,
+        proxy: Proxy,
+        metrics: Metrics,
+        options: Options,
+        client_limits: ClientLimits,
     ) -> None:
         self.options = options
         self.api_key = options.api_key
@@ -83,8 +91,12 @@ class Service:
         metrics.registry.register(BackendCalls(lambda: dict(backend.api_calls)))
         changed = asyncio.Event()
         launches = Launches()
+        self.client_limits = client_limits
         self.records = Records(
-            store=store, metrics=metrics, max_deployments=options.max_deployments
+            store=store,
+            metrics=metrics,
+            max_deployments=options.max_deployments,
+            on_end=client_limits.note_end,
         )
         self.catalog = Catalog(store=store, changed=changed)
         self.ender = Ender(
@@ -149,9 +161,11 @@ class Service:
             raise NoRecordError(f"no deployment {dep_id} of template {template}")
         return dep
 
-    async def watch(self, template: str, dep_id: str) -> AsyncGenerator[Update, None]:
+    async def watch(
+        self, template: str, dep_id: str, *, idle_seconds: float | None = None
+    ) -> AsyncGenerator[Update | None, None]:
         await self.get(template, dep_id)
-        async for update in self.records.watch(dep_id):
+        async for update in self.records.watch(dep_id, idle_seconds=idle_seconds):
             yield update
 
     async def delete(self, template: str, dep_id: str) -> Deployment:
@@ -193,6 +207,7 @@ class Service:
         while True:
             try:
                 live = await self.records.open()
+                self.client_limits.seed(d for d in live if not d.pooled)
                 await self.catalog.load(read_template_files(self.options.templates_dir))
                 await reconciler.run(live)
                 break

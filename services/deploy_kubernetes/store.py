@@ -76,7 +76,7 @@ class Store(Protocol):
         limit: int = 0,
     ) -> list[Deployment]: ...
     async def claim_pooled(
-        self, template: str, *, created: datetime, cull_timeout_ms: int
+        self, template: str, *, created: datetime, cull_timeout_ms: int, client: str | None
     ) -> Deployment | None:
         """Hand the oldest ready pooled instance of ``template`` to a user, atomically."""
 
@@ -181,11 +181,12 @@ class MongoStore:
 
     @_translated
     async def claim_pooled(
-        self, template: str, *, created: datetime, cull_timeout_ms: int
+        self, template: str, *, created: datetime, cull_timeout_ms: int, client: str | None
     ) -> Deployment | None:
+        claim = {"created": created, "cull_timeout_ms": cull_timeout_ms, "client": client}
         doc = await self._deps.find_one_and_update(
             {"template": template, "pooled": True, "status": Status.DEPLOYED.value},
-            {"$set": {"created": created, "cull_timeout_ms": cull_timeout_ms, "pooled": False}},
+            {"$set": {**claim, "pooled": False}},
             projection={"_id": 0},
             sort=[("deployed_at", ASCENDING)],
             return_document=ReturnDocument.AFTER,

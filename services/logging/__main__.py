@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.logging.host,
         port=settings.logging.port,
         grace_seconds=3,
+        limits=settings.http,
     )
     return 0
 

@@ -119,7 +119,7 @@ def _agg(request: Request) -> Aggregator:
 async def ingest(request: Request) -> Response:
     agg = _agg(request)
     body = await read_body(request, agg.settings.logging.max_body_bytes)
-    records, refused = parse_body(body)
+    records, refused = parse_body(body, max_depth=agg.settings.http.max_json_depth)
     stored = await agg.store.insert(records)
     agg.ingested.labels(via="http").inc(stored)
     await agg.publish(records)

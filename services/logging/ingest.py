@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common.errors import MalformedRequestError
+from common.web import check_json_depth
 
 LEVELS = ("trace", "debug", "info", "success", "warning", "error", "critical")
 LEVEL_ALIASES = {"warn": "warning", "err": "error", "fatal": "critical", "notice": "info"}
@@ -86,8 +87,11 @@ def to_record(data: Any) -> dict[str, Any]:
     return record
 
 
-def parse_body(body: bytes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def parse_body(
+    body: bytes, *, max_depth: int = 32
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Records and refusals (``{"index", "error"}``) from a JSON array or JSON lines."""
+    check_json_depth(body, max_depth)
     try:
         text = body.decode()
     except UnicodeDecodeError as exc:

@@ -156,7 +156,9 @@ def test_claim_pooled_hands_out_each_instance_once(make_store: Callable[[], Stor
         claims: list[Deployment | None] = []
 
         async def claim() -> None:
-            claims.append(await store.claim_pooled("web", created=now(), cull_timeout_ms=5))
+            claims.append(
+                await store.claim_pooled("web", created=now(), cull_timeout_ms=5, client="10.0.0.9")
+            )
 
         async with anyio.create_task_group() as tg:
             for _ in range(3):
@@ -164,6 +166,7 @@ def test_claim_pooled_hands_out_each_instance_once(make_store: Callable[[], Stor
         got = [c for c in claims if c is not None]
         assert sorted(c.id for c in got) == sorted(d.id for d in ready)
         assert all(not c.pooled and c.cull_timeout_ms == 5 for c in got)
+        assert all(c.client == "10.0.0.9" for c in got)
         assert claims.count(None) == 1
 
     run(make_store, case)

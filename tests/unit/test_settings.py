@@ -67,3 +67,41 @@ def test_bad_config_names_file_key_and_type(tmp_path: Path, text: str, message: 
 def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="BINDER_LOGGING_PORT"):
         load_settings(home=tmp_path, environ={"BINDER_LOGGING_PORT": "many"})
+
+
+def test_public_use_limits_have_the_spec_defaults(tmp_path: Path) -> None:
+    s = load_settings(home=tmp_path, environ={})
+    assert s.deploy.per_client_max_deployments == 20
+    assert s.deploy.per_client_launches_per_minute == 30
+    assert s.deploy.trusted_proxies == ()
+    assert (s.deploy.local.user, s.deploy.local.allow_root) == ("", False)
+
+
+def test_trusted_proxies_come_from_a_list_or_a_comma_separated_variable(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[deploy]\ntrusted_proxies = ["10.0.0.1", "192.168.0.0/16"]\n')
+    assert load_settings(cfg, home=tmp_path, environ={}).deploy.trusted_proxies == (
+        "10.0.0.1",
+        "192.168.0.0/16",
+    )
+    env = {"BINDER_DEPLOY_TRUSTED_PROXIES": "10.0.0.1, ::1"}
+    assert load_settings(home=tmp_path, environ=env).deploy.trusted_proxies == ("10.0.0.1", "::1")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[deploy]\ntrusted_proxies = ["a proxy"]\n', "'deploy.trusted_proxies' must list IP"),
+        ('[deploy]\ntrusted_proxies = "10.0.0.1"\n', "'deploy.trusted_proxies' must be a list"),
+        ("[deploy]\nper_client_max_deployments = 0\n", "'deploy.per_client_max_deployments'"),
+        ("[http]\nheader_timeout_seconds = -1\n", "'http.header_timeout_seconds' must be greater"),
+        ("[deploy.local]\nallow_root = 1\n", "'deploy.local.allow_root' must be true or false"),
+    ],
+)
+def test_bad_public_use_limits_are_refused_naming_the_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(cfg, home=tmp_path, environ={})

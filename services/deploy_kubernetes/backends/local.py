@@ -8,6 +8,11 @@ spawn and its pid file: its environment carries the suite's label and its deploy
 a server restart; ``stop`` ends the whole process group.
 Memory limits are applied as an address-space rlimit; CPU limits need cgroups and are not enforced
 by this backend (the container backends enforce both).
+
+Isolation: apps run as an unprivileged user of their own (see :func:`app_user`), never as root
+unless the operator allows it, each in a working directory of its own outside the suite's home
+(owned by that user, removed when the app stops). The suite's home and its run and log folders are
+kept owner-only, and a different user cannot read the server's ``/proc/<pid>/environ``.
 """
 
 from __future__ import annotations
@@ -17,11 +22,16 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import resource
+import shutil
 import signal
 import socket
+import stat
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +39,9 @@ import anyio
 from loguru import logger
 
 from common.background import Background
+from common.errors import ConfigError
 from common.processes import session_leaders_with, start_time
+from common.settings import LocalSettings
 from services.deploy_kubernetes.backends.base import (
     LaunchSpec,
     Notify,
@@ -40,8 +52,67 @@ from services.deploy_kubernetes.backends.base import (
 from services.deploy_kubernetes.errors import LaunchError
 from services.deploy_kubernetes.models import Template, memory_bytes
 
-PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
+PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 STOP_GRACE_SECONDS = 5.0
+DEDICATED_USER = "binder-app"
+"""The user apps run as by default (``make setup`` creates it when run as root)."""
+
+
+@dataclass(frozen=True)
+class AppUser:
+    """The unprivileged user apps run as."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def app_user(settings: LocalSettings) -> AppUser | None:
+    """The user apps run as, checked; ``None`` means the server's own (non-root) user.
+
+    Refuses (``ConfigError``, naming the setting) a user that does not exist, root unless
+    ``allow_root`` says so, and a user a server that is not root cannot switch to."""
+    euid = os.geteuid()
+    name = settings.user or (DEDICATED_USER if euid == 0 else "")
+    if not name:
+        return None
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError as exc:
+        hint = "run `make setup` as root to create it" if not settings.user else "create it"
+        raise ConfigError(
+            f"deploy.local.user: there is no user {name!r} for apps on this host; {hint}, "
+            "or name another unprivileged user in [deploy.local] user"
+        ) from exc
+    if entry.pw_uid == 0 and not settings.allow_root:
+        raise ConfigError(
+            f"deploy.local.user: apps would run as root ({name!r}) and could take over the host; "
+            "name an unprivileged user in [deploy.local] user, or set [deploy.local] "
+            "allow_root = true to run them as root anyway"
+        )
+    if entry.pw_uid == euid:
+        return None
+    if euid != 0:
+        raise ConfigError(
+            f"deploy.local.user: only a server running as root can run apps as {name!r}"
+        )
+    return AppUser(name, entry.pw_uid, entry.pw_gid)
+
+
+def workdir_root(settings: LocalSettings) -> Path:
+    """Where the apps' working directories are made: outside the suite's home."""
+    return Path(settings.workdir or Path(tempfile.gettempdir()) / f"binder-apps-{os.geteuid()}")
+
+
+def _private_dir(path: Path, mode: int) -> None:
+    """Make ``path`` a directory of this process's user with ``mode``, refusing one that is a
+    link or belongs to someone else (the parent may be a shared folder such as /tmp)."""
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise LaunchError(f"{path} is not a directory of the server's own user")
+    if stat.S_IMODE(info.st_mode) != mode:
+        path.chmod(mode)
 
 
 def _free_port(host: str) -> int:
@@ -68,10 +139,16 @@ class LocalBackend:
         log_dir: Path,
         host: str = "127.0.0.1",
         python: str = sys.executable,
+        user: AppUser | None = None,
+        workdirs: Path | None = None,
+        home: Path | None = None,
         record_delay: float = 0.0,
     ) -> None:
         self._state_dir = state_dir
         self._log_dir = log_dir
+        self._user = user
+        self._workdirs = workdirs or workdir_root(LocalSettings())
+        self._home = home
         self._host = host
         self._python = python
         self._record_delay = record_delay
@@ -85,8 +162,16 @@ class LocalBackend:
         self.api_calls: dict[str, int] = {}
 
     async def open(self, notify: Notify) -> None:
-        self._state_dir.mkdir(parents=True, exist_ok=True)
-        self._log_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self._state_dir, self._log_dir):
+            _private_dir(folder, 0o700)
+        if self._home is not None:
+            _private_dir(self._home, 0o700)  # nothing of the suite readable by the apps
+        _private_dir(self._workdirs, 0o711)  # apps reach their own folder, list none
+        if self._user is None:
+            logger.warning(
+                "apps run as the server's own user: they can read the suite's home (run the "
+                "suite as root for apps to run as an unprivileged user of their own)"
+            )
         self._notify = notify
 
     def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
@@ -101,11 +186,25 @@ class LocalBackend:
     def _pidfile(self, dep_id: str) -> Path:
         return self._state_dir / f"{dep_id}.json"
 
+    def _workdir(self, dep_id: str) -> Path:
+        """The app's own working directory (and its HOME), owned by the app's user."""
+        path = self._workdirs / dep_id
+        path.mkdir(mode=0o700, exist_ok=True)
+        if self._user is not None:
+            os.chown(path, self._user.uid, self._user.gid)
+        return path
+
     async def launch(self, spec: LaunchSpec) -> Observed:
         template = spec.template
         port = _free_port(self._host)
         argv = [spec.substitute(w, port=port, python=self._python) for w in template.command]
+        try:
+            workdir = self._workdir(spec.id)
+        except OSError as exc:
+            raise LaunchError(f"could not make the app's folder: {exc.strerror or exc}") from exc
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        user = self._user.name if self._user else os.environ.get("USER", "")
+        env.update({"HOME": str(workdir), "USER": user, "LOGNAME": user})
         env.update(template.env)
         env.update(
             {
@@ -119,9 +218,15 @@ class LocalBackend:
         )
         limit = memory_bytes(template.limits["memory"]) if "memory" in template.limits else None
 
+        app = self._user
+
         def preexec() -> None:  # runs in the child between fork and exec
             if limit:
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            if app is not None:  # here, not Popen's user=: uvloop's subprocesses lack it
+                os.setgroups([])
+                os.setgid(app.gid)
+                os.setuid(app.uid)
 
         log_path = self._log_dir / f"{spec.id}.log"
         try:
@@ -135,7 +240,7 @@ class LocalBackend:
                     stderr=log,
                     start_new_session=True,
                     preexec_fn=preexec,
-                    cwd=self._state_dir,
+                    cwd=workdir,
                 )
         except OSError as exc:
             raise LaunchError(f"could not start {argv[0]!r}: {exc.strerror or exc}") from exc
@@ -211,8 +316,17 @@ class LocalBackend:
                 await self._kill_group(proc.pid)
             self._pidfile(dep_id).unlink(missing_ok=True)
             self._exit_codes.pop(dep_id, None)
+            await anyio.to_thread.run_sync(self._remove_workdir, dep_id)
         finally:
             self._stopping.discard(dep_id)
+
+    def _remove_workdir(self, dep_id: str) -> None:
+        try:
+            shutil.rmtree(self._workdirs / dep_id)  # never follows the app's symbolic links
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            logger.bind(id=dep_id).warning("could not remove the app's folder: {}", exc)
 
     async def _kill_group(self, pid: int) -> None:
         started = start_time(pid)
