@@ -16,6 +16,7 @@ from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from common.errors import BinderError
 from common.processes import alive
+from control.secrets import SECRET_NAMES
 
 
 class ControlError(BinderError):
@@ -60,11 +61,8 @@ class Supervisor:
     def start_daemon(self, *, timeout: float = 15.0) -> None:
         """Start supervisord on the rendered config and wait for its socket to answer."""
         supervisord = Path(sys.executable).parent / "supervisord"
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("BINDER_API_KEY", "CONFIGPROXY_AUTH_TOKEN")
-        }
+        # secrets reach programs through control.launch only, never supervisord's environment
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_NAMES}
         result = subprocess.run(
             [str(supervisord), "-c", str(self.conf)],
             env=env,

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"stopped {count} apps")
         return 0
-    sink = AggregatorSink(settings.logging.url)
+    sink = AggregatorSink(settings.logging.url, token=settings.logging.token)
     configure_logging("deploy-kubernetes", sinks=[sink])
     if not settings.api_key:
         logger.warning("BINDER_API_KEY is not set: every endpoint that needs the key answers 403")

@@ -1,6 +1,7 @@
 """A loguru sink that ships records to the log aggregator without ever blocking the caller.
 
-Records go into a bounded buffer; a daemon thread posts them in batches to ``POST /logs``,
+Records go into a bounded buffer; a daemon thread posts them in batches to ``POST /logs`` with the
+aggregator's bearer token,
 retrying while the aggregator is down. Each record carries a unique ``rid`` so that a batch sent
 twice (an answer lost in a restart) is stored once. When the buffer is full the oldest records are
 dropped and counted (``binder_log_records_dropped_total``, see :meth:`AggregatorSink.collector`).
@@ -28,8 +29,9 @@ RETRY_MAX_SECONDS = 5.0
 
 
 class AggregatorSink:
-    def __init__(self, url: str, *, capacity: int = 50_000) -> None:
+    def __init__(self, url: str, *, token: str, capacity: int = 50_000) -> None:
         self._url = url.rstrip("/") + "/logs"
+        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         self._buffer: deque[dict[str, Any]] = deque()
         self._inflight: list[dict[str, Any]] = []
         self._capacity = capacity
@@ -109,7 +111,7 @@ class AggregatorSink:
             response = client.post(
                 self._url,
                 content=json.dumps(batch, default=str),
-                headers={"Content-Type": "application/json"},
+                headers=self._headers,
             )
         except httpx.HTTPError:
             return False
