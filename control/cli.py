@@ -41,11 +41,14 @@ HomeOpt = Annotated[
         "--home",
         envvar="BINDER_HOME",
         show_default="~/.binder",
-        help="Where the suite keeps everything it writes.",
+        help="Where the suite keeps everything it writes (before or after the command).",
     ),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="TOML file overriding the defaults.")
+    Path | None,
+    typer.Option(
+        "--config", help="TOML file overriding the defaults (before or after the command)."
+    ),
 ]
 KeyOpt = Annotated[str | None, typer.Option("--api-key", help="Use this API key (stored 0600).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -133,8 +136,10 @@ def _service_name(value: str) -> str:
 def start_all(ctx: typer.Context, api_key: KeyOpt = None, config: ConfigOpt = None) -> None:
     """Start supervisord and every service in order, each awaited until ready.
 
-    A service that fails to start stops what this command started. The API key is printed
-    only on a terminal; `binder-control api-key` prints it any time."""
+    If a service fails to start, what this command started is stopped again.
+
+    The API key is printed only on a terminal; `binder-control api-key` prints it any time.
+    """
     c = _ctx(ctx)
     suite = _run(lambda: c.suite(config=config, api_key=api_key, persist=True))
     on_wait, done = _spinner("waiting for")
@@ -296,9 +301,7 @@ def config(
         bool, typer.Option("--render", help="Print the rendered supervisord.conf.")
     ] = False,
 ) -> None:
-    """Print the effective configuration (secrets masked) or the rendered supervisord.conf.
-
-    Writes nothing."""
+    """Print the effective configuration (secrets masked) or the rendered supervisord.conf."""
     suite = _run(lambda: _ctx(ctx).suite())
     if render:
         print(suite.render(), end="")
@@ -322,8 +325,7 @@ def systemd_unit(
     ctx: typer.Context,
     install: Annotated[bool, typer.Option("--install", help=f"Write it to {UNIT_PATH}.")] = False,
 ) -> None:
-    """Print (or, with --install, write the home's files and install) a systemd unit that runs
-    supervisord for this home."""
+    """Print (or install) a systemd unit that runs supervisord for this home."""
     suite = _run(lambda: _ctx(ctx).suite(persist=install))
     text = unit_text(home=suite.home, binder_control=Path(sys.argv[0]).resolve())
     if not install:
