@@ -1,16 +1,17 @@
 """A loguru sink that ships records to the log aggregator without ever blocking the caller.
 
 Records go into a bounded buffer; a daemon thread posts them in batches to ``POST /logs`` with the
-aggregator's bearer token,
-retrying while the aggregator is down. Each record carries a unique ``rid`` so that a batch sent
-twice (an answer lost in a restart) is stored once. When the buffer is full the oldest records are
-dropped and counted (``binder_log_records_dropped_total``, see :meth:`AggregatorSink.collector`).
+aggregator's bearer token, retrying while the aggregator is down. Each record carries a unique
+``rid`` so that a batch sent twice (an answer lost in a restart) is stored once. When the buffer
+is full the oldest records are dropped and counted (``binder_log_records_dropped_total``, see :meth:`AggregatorSink.collector`),
+as are records the aggregator refuses for a wrong token.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import sys
 import threading
 import time
 from collections import deque
@@ -115,7 +116,14 @@ class AggregatorSink:
             )
         except httpx.HTTPError:
             return False
-        # 4xx: the aggregator refused some records for good; retrying would not help
+        if response.status_code in (401, 403):
+            # a wrong token: retrying would not help, and the records are lost, so say so
+            # (on stderr: logging it through loguru would come back here)
+            with self._lock:
+                self.dropped += len(batch)
+            sys.stderr.write(f"log sink: the aggregator refused the token; {len(batch)} dropped\n")
+            return True
+        # other 4xx: the aggregator refused some records for good; retrying would not help
         return response.status_code < 500
 
     def close(self, timeout: float = 2.0) -> None:

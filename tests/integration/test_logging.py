@@ -258,3 +258,14 @@ def test_aggregator_killed_while_sink_logs_loses_and_duplicates_nothing(
     messages = [r["message"] for r in logs.all(service="s")]
     assert len(messages) == total
     assert set(messages) == {f"m{n}" for n in range(total)}
+
+
+def test_a_sink_with_a_wrong_token_counts_its_records_dropped(
+    logging_factory: Callable[..., LoggingServer],
+) -> None:
+    logs = logging_factory()
+    sink = AggregatorSink(logs.url, token="wrong")
+    sink.push({"time": datetime.now(UTC).isoformat(), "service": "w", "message": "lost"})
+    sink.close(timeout=10)
+    assert (sink.pending(), sink.dropped) == (0, 1)
+    assert logs.all(service="w") == []
