@@ -3,8 +3,8 @@
 Records go into a bounded buffer; a daemon thread posts them in batches to ``POST /logs`` with the
 aggregator's bearer token, retrying while the aggregator is down. Each record carries a unique
 ``rid`` so that a batch sent twice (an answer lost in a restart) is stored once. When the buffer
-is full the oldest records are dropped and counted (``binder_log_records_dropped_total``, see :meth:`AggregatorSink.collector`),
-as are records the aggregator refuses for a wrong token.
+is full the oldest records are dropped and counted (``binder_log_records_dropped_total``, see
+:meth:`AggregatorSink.collector`), as are records the aggregator refuses for a wrong token.
 """
 
 from __future__ import annotations
