@@ -190,7 +190,6 @@ def restart(
 ) -> None:
     """Restart one service and wait until it is ready again."""
     suite = _run(lambda: _ctx(ctx).suite())
-    _run(suite.prepare)
     on_wait, done = _spinner("waiting for")
     try:
         _run(lambda: suite.restart(service, on_wait=on_wait))
@@ -231,7 +230,6 @@ def _service_app(name: str) -> typer.Typer:
     def restart_one(ctx: typer.Context) -> None:
         """Restart it and wait until it is ready."""
         suite = _run(lambda: _ctx(ctx).suite())
-        _run(suite.prepare)
         _run(lambda: suite.restart(name))
         out.print(f"{name} restarted")
 

@@ -274,11 +274,13 @@ class Suite:
                     time.sleep(0.02)
 
     def restart(self, name: str, *, on_wait: Callable[[str], None] = lambda _: None) -> None:
+        """Restart one service of a running suite, with the home's files written anew."""
         self.service(name)
         if not self.supervisor.running():
             raise ControlError(
                 f"cannot restart {name}: the suite is not running (start it with start-all)"
             )
+        self.prepare()
         self.supervisor.stop(name)
         self.start(name, on_wait=on_wait)
 

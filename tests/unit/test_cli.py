@@ -111,13 +111,18 @@ def test_an_unknown_service_is_a_usage_error(tmp_path: Path) -> None:
     assert "nosuch" in result.output
 
 
-def test_restart_with_the_suite_stopped_says_so_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("argv", [["restart", "proxy"], ["proxy", "restart"]])
+def test_restart_with_the_suite_stopped_says_so_in_one_line(
+    tmp_path: Path, argv: list[str]
+) -> None:
     home = _home(tmp_path)
-    result = CliRunner().invoke(app, ["--home", str(home), "restart", "proxy"])
+    before = _snapshot(home)
+    result = CliRunner().invoke(app, ["--home", str(home), *argv])
     assert result.exit_code == 1
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "not running" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert _snapshot(home) == before
 
 
 def test_global_options_are_accepted_after_the_command(tmp_path: Path) -> None:
