@@ -3,8 +3,8 @@
 The layers are the embedded defaults (``configs/defaults.toml``), then the operator's ``--config``
 file, then ``BINDER_<SECTION>_<KEY>`` environment variables. Every value is validated against the
 dataclass field's type; an error names the file (or variable), the key and the expected type.
-Secrets (the API key, the proxy token) never come from a file: they arrive through the
-environment and are ``repr=False``.
+Secrets (the API key, the proxy and logging tokens) never come from a file: they arrive through
+the environment and are ``repr=False``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from common.errors import ConfigError
 
@@ -85,6 +87,8 @@ class LoggingSettings:
     """Comma-separated prefixes of files in ``<home>/logs`` not followed (their program ships
     its records through the loguru sink already; its stderr, where tracebacks that bypass loguru
     go, is followed)."""
+    token: str = field(default="", repr=False)
+    """Bearer token of the aggregator's ingest and query (secret; ``BINDER_LOGGING_TOKEN``)."""
 
     @property
     def url(self) -> str:
@@ -226,6 +230,7 @@ def load_settings(
     home_path = home or Path(environ.get("BINDER_HOME") or "~/.binder").expanduser()
     raw["home"] = home_path
     raw.setdefault("proxy", {})["token"] = environ.get("CONFIGPROXY_AUTH_TOKEN", "")
+    raw.setdefault("logging", {})["token"] = environ.get("BINDER_LOGGING_TOKEN", "")
     raw["api_key"] = environ.get("BINDER_API_KEY", "")
     settings = _build(Settings, raw, source=str(config or DEFAULTS_FILE), prefix="")
     assert isinstance(settings, Settings)
@@ -345,23 +350,20 @@ def _type_name(kind: Any) -> str:
 def _check(settings: Settings, *, source: str) -> None:
     if settings.deploy.backend not in BACKENDS:
         raise ConfigError(
-            f"{source}: 'deploy.backend' must be one of {', '.join(BACKENDS)}, got {settings.deploy.backend!r}"
+            f"{source}: 'deploy.backend' must be one of {', '.join(BACKENDS)}, "
+            f"got {settings.deploy.backend!r}"
         )
-    ports = {
-        "db.port": settings.db.port,
-        "proxy.port": settings.proxy.port,
-        "proxy.api_port": settings.proxy.api_port,
-        "logging.port": settings.logging.port,
-        "deploy.port": settings.deploy.port,
-    }
-    for key, port in ports.items():
-        if not 0 < port < 65536:
-            raise ConfigError(f"{source}: '{key}' must be a port between 1 and 65535, got {port}")
+    _check_ports(settings, source=source)
+    _check_hosts(settings, source=source)
     positive = {
         "deploy.max_deployments": settings.deploy.max_deployments,
         "deploy.cull_interval_seconds": settings.deploy.cull_interval_seconds,
+        "deploy.max_age_seconds": settings.deploy.max_age_seconds,
+        "deploy.default_cull_timeout_ms": settings.deploy.default_cull_timeout_ms,
         "deploy.launch_timeout_seconds": settings.deploy.launch_timeout_seconds,
         "logging.retention_days": settings.logging.retention_days,
+        "logging.retention_check_seconds": settings.logging.retention_check_seconds,
+        "logging.max_body_bytes": settings.logging.max_body_bytes,
         "deploy.per_client_max_deployments": settings.deploy.per_client_max_deployments,
         "deploy.per_client_launches_per_minute": settings.deploy.per_client_launches_per_minute,
         **{
@@ -377,12 +379,91 @@ def _check(settings: Settings, *, source: str) -> None:
             ipaddress.ip_network(address, strict=False)
         except ValueError as exc:
             raise ConfigError(
-                f"{source}: 'deploy.trusted_proxies' must list IP addresses or networks, got {address!r}"
+                f"{source}: 'deploy.trusted_proxies' must list IP addresses or networks, "
+                f"got {address!r}"
             ) from exc
+    folder = settings.deploy.templates_dir
+    if folder and not Path(folder).is_dir():
+        raise ConfigError(
+            f"{source}: 'deploy.templates_dir' must be an existing folder of templates, "
+            f"got {folder!r}"
+        )
+
+
+def _check_ports(settings: Settings, *, source: str) -> None:
+    """Every port in range, and no two services on one port."""
+    ports = {
+        "db.port": settings.db.port,
+        "proxy.port": settings.proxy.port,
+        "proxy.api_port": settings.proxy.api_port,
+        "logging.port": settings.logging.port,
+        "deploy.port": settings.deploy.port,
+    }
+    if settings.db.uri:
+        del ports["db.port"]  # an external database: the suite listens on no db port
+    seen: dict[int, str] = {}
+    for key, port in ports.items():
+        if not 0 < port < 65536:
+            raise ConfigError(f"{source}: '{key}' must be a port between 1 and 65535, got {port}")
+        if port in seen:
+            raise ConfigError(
+                f"{source}: '{key}' and '{seen[port]}' are both {port}: "
+                "each service needs a port of its own"
+            )
+        seen[port] = key
+
+
+_HOST_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+def valid_host(text: str) -> bool:
+    """An IP address or a DNS host name."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return bool(_HOST_RE.match(text))
+    return True
+
+
+def _check_hosts(settings: Settings, *, source: str) -> None:
+    hosts = {
+        "db.host": settings.db.host,
+        "proxy.ip": settings.proxy.ip,
+        "proxy.api_ip": settings.proxy.api_ip,
+        "logging.host": settings.logging.host,
+        "deploy.host": settings.deploy.host,
+    }
+    for key, host in hosts.items():
+        if not valid_host(host):
+            raise ConfigError(
+                f"{source}: '{key}' must be an IP address or a host name, got {host!r}"
+            )
+    public = settings.proxy.public_host
+    if public and not _valid_public_host(public):
+        raise ConfigError(
+            f"{source}: 'proxy.public_host' must be host[:port] (no scheme, no path), "
+            f"got {public!r}"
+        )
+
+
+def _valid_public_host(text: str) -> bool:
+    host, colon, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+    if text.startswith("["):  # [IPv6]:port
+        host, _, rest = text[1:].partition("]")
+        colon, port = (":", rest[1:]) if rest.startswith(":") else ("", rest)
+        if rest and not colon:
+            return False
+    if colon and not (port.isdigit() and 0 < int(port) < 65536):
+        return False
+    return valid_host(host)
 
 
 def dump_toml(settings: Settings, *, secrets: str = "omit") -> str:
-    """The effective settings as TOML. ``secrets``: ``omit`` them, or ``mask`` them for display."""
+    """The effective settings as TOML, without the secrets. ``secrets="mask"`` (for display)
+    also hides the password of ``db.uri``."""
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
@@ -402,8 +483,9 @@ def dump_toml(settings: Settings, *, secrets: str = "omit") -> str:
             if dataclasses.is_dataclass(v):
                 tables.append((f.name, v))
             elif f.name in SECRET_KEYS:
-                if secrets == "mask":
-                    lines.append(f"{f.name} = {value(_masked(v))}")
+                continue  # the environment's, not what the suite runs with: never shown
+            elif f.name == "uri" and secrets == "mask":
+                lines.append(f"{f.name} = {value(mask_uri(v))}")
             elif name or f.name != "home":
                 lines.append(f"{f.name} = {value(v)}")
         for sub, v in tables:
@@ -414,5 +496,10 @@ def dump_toml(settings: Settings, *, secrets: str = "omit") -> str:
     return "\n".join(head + section(settings, "")) + "\n"
 
 
-def _masked(secret: str) -> str:
-    return (secret[:4] + "…") if len(secret) > 8 else ("…" if secret else "")
+def mask_uri(uri: str) -> str:
+    """``uri`` with its password, if it has one, shown as ``***``."""
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))

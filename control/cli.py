@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,15 +16,21 @@ from rich.console import Console
 from rich.table import Table
 
 from common.errors import BinderError
-from common.logs_client import LogsClient
 from common.settings import Settings, dump_toml, load_settings
-from control.secrets import ensure_home, mask, resolve_api_key
+from control.globals import GlobalOptionsGroup
+from control.logs_cmd import show_logs
+from control.secrets import choose_api_key, described, read_secrets, stored_api_key
 from control.services import ORDER
 from control.suite import Suite
+from control.supervisor_client import ControlError
 from control.systemd import UNIT_PATH, unit_text
 
 app = typer.Typer(
-    help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+    help=__doc__,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    cls=GlobalOptionsGroup,
 )
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -34,11 +41,14 @@ HomeOpt = Annotated[
         "--home",
         envvar="BINDER_HOME",
         show_default="~/.binder",
-        help="Where the suite keeps everything it writes.",
+        help="Where the suite keeps everything it writes (before or after the command).",
     ),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="TOML file overriding the defaults.")
+    Path | None,
+    typer.Option(
+        "--config", help="TOML file overriding the defaults (before or after the command)."
+    ),
 ]
 KeyOpt = Annotated[str | None, typer.Option("--api-key", help="Use this API key (stored 0600).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -55,10 +65,13 @@ class Context:
             chosen = self.home / "effective.toml"  # what the running suite was started with
         return load_settings(chosen.resolve() if chosen else None, home=self.home)
 
-    def suite(self, *, config: Path | None = None, api_key: str | None = None) -> Suite:
+    def suite(
+        self, *, config: Path | None = None, api_key: str | None = None, persist: bool = False
+    ) -> Suite:
+        """The suite of this home. Only with ``persist`` (commands that start services) may
+        ``--api-key`` or ``BINDER_API_KEY`` replace the stored key; nothing is written here."""
         settings = self.settings(config)
-        ensure_home(self.home)
-        key, _ = resolve_api_key(self.home, api_key, os.environ)
+        key = choose_api_key(self.home, api_key, os.environ) if persist else None
         return Suite(settings, api_key=key)
 
 
@@ -73,6 +86,10 @@ def _run(action: Callable[[], Any]) -> Any:
     except BinderError as exc:
         err.print(f"binder-control: {exc.message}", markup=False, highlight=False)
         raise typer.Exit(1) from exc
+
+
+def _fail(message: str) -> None:
+    raise ControlError(message)
 
 
 def _spinner(verb: str) -> tuple[Callable[[str], None], Callable[[], None]]:
@@ -109,11 +126,22 @@ def _table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _service_name(value: str) -> str:
+    if value not in ORDER:
+        raise typer.BadParameter(f"no service named {value!r} (services: {', '.join(ORDER)})")
+    return value
+
+
 @app.command("start-all")
 def start_all(ctx: typer.Context, api_key: KeyOpt = None, config: ConfigOpt = None) -> None:
-    """Start supervisord and every service in order, each awaited until ready."""
+    """Start supervisord and every service in order, each awaited until ready.
+
+    If a service fails to start, what this command started is stopped again.
+
+    The API key is printed only on a terminal; `binder-control api-key` prints it any time.
+    """
     c = _ctx(ctx)
-    suite = _run(lambda: c.suite(config=config, api_key=api_key))
+    suite = _run(lambda: c.suite(config=config, api_key=api_key, persist=True))
     on_wait, done = _spinner("waiting for")
     try:
         _run(lambda: suite.start_all(on_wait=on_wait))
@@ -124,7 +152,10 @@ def start_all(ctx: typer.Context, api_key: KeyOpt = None, config: ConfigOpt = No
     d = suite.settings.deploy
     host = "127.0.0.1" if d.host in ("0.0.0.0", "") else d.host
     out.print(f"deploy API: http://{host}:{d.port}   public proxy: {suite.settings.public_host}")
-    out.print(f"API key: {suite.api_key}", markup=False, highlight=False)
+    if sys.stdout.isatty():
+        out.print(f"API key: {suite.api_key}", markup=False, highlight=False)
+    else:  # a file or a journal: the key stays in the owner-only home
+        out.print(f"API key: stored in {suite.home / 'api-key'} (print it: binder-control api-key)")
 
 
 @app.command("stop-all")
@@ -154,11 +185,11 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 @app.command()
 def restart(
-    ctx: typer.Context, service: Annotated[str, typer.Argument(help=", ".join(ORDER))]
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help=", ".join(ORDER), callback=_service_name)],
 ) -> None:
     """Restart one service and wait until it is ready again."""
     suite = _run(lambda: _ctx(ctx).suite())
-    _run(suite.prepare)
     on_wait, done = _spinner("waiting for")
     try:
         _run(lambda: suite.restart(service, on_wait=on_wait))
@@ -173,13 +204,12 @@ def _service_app(name: str) -> typer.Typer:
     @sub.command("start")
     def start(ctx: typer.Context, api_key: KeyOpt = None, config: ConfigOpt = None) -> None:
         """Start it (or restart it with new options), starting supervisord if needed."""
-        suite = _run(lambda: _ctx(ctx).suite(config=config, api_key=api_key))
+        suite = _run(lambda: _ctx(ctx).suite(config=config, api_key=api_key, persist=True))
 
         def go() -> None:
             changed = suite.prepare()
             suite.ensure_supervisord()
-            if changed and name in ("deploy-kubernetes", "proxy"):
-                suite.supervisor.stop(name)
+            suite.restart_if_secrets_changed(changed, [name])
             suite.start(name, on_wait=on_wait)
 
         on_wait, done = _spinner("waiting for")
@@ -200,7 +230,6 @@ def _service_app(name: str) -> typer.Typer:
     def restart_one(ctx: typer.Context) -> None:
         """Restart it and wait until it is ready."""
         suite = _run(lambda: _ctx(ctx).suite())
-        _run(suite.prepare)
         _run(lambda: suite.restart(name))
         out.print(f"{name} restarted")
 
@@ -227,42 +256,40 @@ def logs(
     ctx: typer.Context,
     service: Annotated[str | None, typer.Argument(help="Only this service's lines.")] = None,
     follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+        bool,
+        typer.Option("--follow", "-f", help="Print the newest lines, then new ones as they come."),
     ] = False,
     since: Annotated[str | None, typer.Option(help="ISO time or duration back (10m, 2h).")] = None,
     level: Annotated[
         str | None, typer.Option(help="Lowest level shown (info, warning ...).")
     ] = None,
-    app_id: Annotated[str | None, typer.Option("--app", help="Only this deployment id.")] = None,
-    limit: Annotated[int, typer.Option(help="Most lines printed (without --follow).")] = 200,
+    app_id: Annotated[
+        str | None, typer.Option("--app", help="Only this deployment (an id or a unique prefix).")
+    ] = None,
+    limit: Annotated[
+        int,
+        typer.Option(
+            "--limit", "-n", min=0, help="How many of the newest lines (newest last, like tail)."
+        ),
+    ] = 200,
     as_json: JsonOpt = False,
 ) -> None:
-    """Query or tail the log aggregator."""
-    settings = _run(_ctx(ctx).settings)
-    client = LogsClient(settings.logging.url)
-    filters = {
-        "service": service,
-        "level": level,
-        "app": app_id,
-        "since": since or ("10m" if follow else None),
-    }
-    records = client.follow(**filters) if follow else client.query(limit=limit, **filters)
-
-    def show() -> None:
-        for record in records:
-            if as_json:
-                print(json.dumps(record), flush=True)
-            else:
-                dep = f" [{record['id'][:8]}]" if record.get("id") else ""
-                out.print(
-                    f"{record['time']} {record['service']:<18} {record['level']:<8}{dep} "
-                    f"{record['message']}",
-                    markup=False,
-                    highlight=False,
-                )
-
+    """Query or tail the log aggregator: the newest lines, oldest of them first."""
+    c = _ctx(ctx)
+    settings = _run(c.settings)
+    filters = {"service": service, "level": level, "app": app_id, "since": since}
     with contextlib.suppress(KeyboardInterrupt):
-        _run(show)
+        _run(
+            lambda: show_logs(
+                settings=settings,
+                secrets=read_secrets(c.home),
+                filters=filters,
+                follow=follow,
+                limit=limit,
+                as_json=as_json,
+                console=out,
+            )
+        )
 
 
 @app.command()
@@ -278,7 +305,17 @@ def config(
         print(suite.render(), end="")
         return
     print(dump_toml(suite.settings, secrets="mask"), end="")
-    print(f"# api key: {mask(suite.api_key)} (stored in {suite.home / 'api-key'})")
+    stored = read_secrets(suite.home)
+    print(f"\n# secrets: owner-only files in {suite.home}, given to services by environment")
+    names = {
+        "BINDER_API_KEY": "api key",
+        "CONFIGPROXY_AUTH_TOKEN": "proxy token",
+        "BINDER_LOGGING_TOKEN": "logging token",
+        "BINDER_DB_URI": "database URI",
+    }
+    for name, what in names.items():
+        value = stored_api_key(suite.home) if name == "BINDER_API_KEY" else stored.get(name, "")
+        print(f"# {what} ({name}): {described(value)}")
 
 
 @app.command("systemd-unit")
@@ -287,12 +324,12 @@ def systemd_unit(
     install: Annotated[bool, typer.Option("--install", help=f"Write it to {UNIT_PATH}.")] = False,
 ) -> None:
     """Print (or install) a systemd unit that runs supervisord for this home."""
-    suite = _run(lambda: _ctx(ctx).suite())
-    _run(suite.prepare)
+    suite = _run(lambda: _ctx(ctx).suite(persist=install))
     text = unit_text(home=suite.home, binder_control=Path(sys.argv[0]).resolve())
     if not install:
         print(text, end="")
         return
+    _run(suite.prepare)
     _run(lambda: UNIT_PATH.write_text(text))
     out.print(
         f"installed {UNIT_PATH}; run: systemctl daemon-reload && systemctl enable --now binder"
@@ -306,15 +343,15 @@ def api_key_cmd(
         bool, typer.Option("--rotate", help="Make a new key and restart what uses it.")
     ] = False,
 ) -> None:
-    """Print the API key, or rotate it."""
+    """Print the API key the suite runs with, or rotate it."""
     c = _ctx(ctx)
     if not rotate:
-        suite = _run(c.suite)
-        print(suite.api_key)
+        key = stored_api_key(c.home)
+        if not key:
+            _run(lambda: _fail(f"no API key in {c.home} yet: start-all makes one"))
+        print(key)
         return
-    import secrets as _secrets
-
-    suite = _run(lambda: c.suite(api_key=_secrets.token_hex(16)))
+    suite = _run(lambda: c.suite(api_key=secrets.token_hex(16), persist=True))
 
     def apply() -> None:
         suite.prepare()

@@ -1,8 +1,16 @@
-"""The suite's secrets: the API key and the proxy token, stored owner-only in the home.
+"""The suite's secrets, stored owner-only in the home and handed to services by environment.
 
-``<home>/api-key`` and ``<home>/proxy-token`` hold one value each; ``<home>/secrets.env`` holds
-both as ``NAME=value`` lines for the launcher (``control.launch``) and for systemd's
-EnvironmentFile. Every file is written 0600 before anything is put in it.
+One file per secret holds its value: ``api-key``, ``proxy-token``, ``logging-token`` and
+``db-password``. ``<home>/secrets.env`` holds what the services get, as ``NAME=value`` lines, for
+the launcher (``control.launch``) and for systemd's EnvironmentFile:
+
+- ``BINDER_API_KEY``: the deploy API key;
+- ``CONFIGPROXY_AUTH_TOKEN``: the proxy's API token;
+- ``BINDER_LOGGING_TOKEN``: the bearer token of the log aggregator's ingest and query;
+- ``BINDER_DB_URI``: the suite's database URI, credentials included.
+
+Every file is written 0600 before anything is put in it. Reading never writes: only the commands
+that (re)start services call :func:`ensure_secrets`.
 """
 
 from __future__ import annotations
@@ -12,10 +20,20 @@ import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from common.errors import ConfigError
+from common.settings import Settings
 
 KEY_RE = re.compile(r"^[\x21-\x7e]{16,256}$")
+DB_USER = "binder"
+"""The user the embedded database server is provisioned with."""
+SECRET_NAMES = (
+    "BINDER_API_KEY",
+    "CONFIGPROXY_AUTH_TOKEN",
+    "BINDER_LOGGING_TOKEN",
+    "BINDER_DB_URI",
+)
 
 
 def write_private(path: Path, text: str) -> None:
@@ -41,27 +59,66 @@ def _read(path: Path) -> str:
         return ""
 
 
-def resolve_api_key(home: Path, given: str | None, environ: Mapping[str, str]) -> tuple[str, bool]:
+def stored_api_key(home: Path) -> str:
+    """The key the suite was last started with (empty before the first start)."""
+    return _read(home / "api-key")
+
+
+def choose_api_key(home: Path, given: str | None, environ: Mapping[str, str]) -> str:
     """``--api-key``, else ``BINDER_API_KEY``, else the stored key, else a new one.
 
-    Returns the key and whether it differs from the stored one (and so was stored now).
+    Nothing is written: :func:`ensure_secrets` stores it when services are (re)started.
     """
-    stored = _read(home / "api-key")
-    key = given or environ.get("BINDER_API_KEY") or stored or secrets.token_hex(16)
+    key = given or environ.get("BINDER_API_KEY") or stored_api_key(home) or secrets.token_hex(16)
     if not KEY_RE.match(key):
         raise ConfigError("the API key must be 16 to 256 printable characters without spaces")
-    changed = key != stored
-    if changed:
-        write_private(home / "api-key", key + "\n")
-    return key, changed
+    return key
 
 
-def proxy_token(home: Path) -> str:
-    token = _read(home / "proxy-token")
-    if not token:
-        token = secrets.token_hex(32)
-        write_private(home / "proxy-token", token + "\n")
-    return token
+def _token(path: Path, make: int) -> str:
+    """The value stored in ``path``, made (``make`` random bytes, hex) when there is none."""
+    value = _read(path)
+    if not value:
+        value = secrets.token_hex(make)
+        write_private(path, value + "\n")
+    return value
+
+
+def db_uri(settings: Settings, *, password: str | None, embedded: bool) -> str:
+    """The URI the services use: the operator's ``db.uri`` as it is, else the suite's own server,
+    with the suite's credentials when it is the embedded server (which requires them)."""
+    if settings.db.uri:
+        return settings.db.uri
+    base = settings.db.effective_uri
+    if not embedded or not password:
+        return base
+    parts = urlsplit(base)
+    netloc = f"{quote(DB_USER, safe='')}:{quote(password, safe='')}@{parts.netloc}"
+    return urlunsplit(parts._replace(netloc=netloc, query=f"{parts.query}&authSource=admin"))
+
+
+def ensure_secrets(
+    home: Path, *, settings: Settings, api_key: str, embedded_db: bool
+) -> dict[str, str]:
+    """Store every secret (made at the first start) and ``secrets.env``; return its values."""
+    if api_key != stored_api_key(home):
+        write_private(home / "api-key", api_key + "\n")
+    values = {
+        "BINDER_API_KEY": api_key,
+        "CONFIGPROXY_AUTH_TOKEN": _token(home / "proxy-token", 32),
+        "BINDER_LOGGING_TOKEN": _token(home / "logging-token", 32),
+        "BINDER_DB_URI": db_uri(
+            settings, password=_token(home / "db-password", 24), embedded=embedded_db
+        ),
+    }
+    if read_env_file(home / "secrets.env") != values:
+        write_env_file(home, values)
+    return values
+
+
+def read_secrets(home: Path) -> dict[str, str]:
+    """What ``secrets.env`` holds (empty before the first start); never writes."""
+    return read_env_file(home / "secrets.env")
 
 
 def write_env_file(home: Path, values: Mapping[str, str]) -> Path:
@@ -79,5 +136,6 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def mask(value: str) -> str:
-    return value[:4] + "…" if len(value) > 8 else "…"
+def described(value: str) -> str:
+    """How ``config`` shows a secret: whether it is set, never any of it."""
+    return "set (masked)" if value else "not set"

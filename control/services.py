@@ -45,6 +45,12 @@ def _python() -> str:
     return str(VENV_BIN / "python")
 
 
+def embedded_db(settings: Settings) -> bool:
+    """Whether the ``db`` program is the embedded server (which the suite provisions with its
+    credentials and runs with authentication required)."""
+    return not settings.db.uri and not settings.db.command and shutil.which("mongod") is None
+
+
 def db_command(settings: Settings) -> tuple[str, ...]:
     """``mongod`` when configured or on PATH, else the embedded wire-compatible server."""
     if settings.db.command:
@@ -71,6 +77,7 @@ def db_command(settings: Settings) -> tuple[str, ...]:
         str(settings.db.port),
         "--storage-path",
         data,
+        "--auth",
     )
 
 
@@ -89,7 +96,11 @@ def declare(settings: Settings, effective_config: Path) -> list[Service]:
     if not settings.db.uri:
         out.append(
             Service(
-                "db", db_command(settings), ((settings.db.host, settings.db.port),), stop_seconds=15
+                "db",
+                db_command(settings),
+                ((settings.db.host, settings.db.port),),
+                secrets=("BINDER_DB_URI",) if embedded_db(settings) else (),
+                stop_seconds=15,
             )
         )
     out.append(
@@ -98,6 +109,7 @@ def declare(settings: Settings, effective_config: Path) -> list[Service]:
             (_python(), "-m", "services.logging", *config),
             ((settings.logging.host, settings.logging.port),),
             ready_url=f"{settings.logging.url}/health",
+            secrets=("BINDER_DB_URI", "BINDER_LOGGING_TOKEN"),
             env=_digest(settings, "db", "logging"),
         )
     )
@@ -132,7 +144,12 @@ def declare(settings: Settings, effective_config: Path) -> list[Service]:
             (_python(), "-m", "services.deploy_kubernetes", *config),
             ((d.host, d.port),),
             ready_url=f"http://{host}:{d.port}/health",
-            secrets=("BINDER_API_KEY", "CONFIGPROXY_AUTH_TOKEN"),
+            secrets=(
+                "BINDER_API_KEY",
+                "CONFIGPROXY_AUTH_TOKEN",
+                "BINDER_DB_URI",
+                "BINDER_LOGGING_TOKEN",
+            ),
             env=_digest(settings, "db", "proxy", "logging", "deploy"),
         )
     )

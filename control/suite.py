@@ -11,10 +11,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import ConfigError
+from common.errors import BinderError, ConfigError
 from common.settings import Settings, dump_toml
-from control.secrets import ensure_home, proxy_token, read_env_file, write_env_file, write_private
-from control.services import ORDER, Service, declare, is_ready, port_in_use
+from control.secrets import (
+    choose_api_key,
+    ensure_home,
+    ensure_secrets,
+    read_secrets,
+    write_private,
+)
+from control.services import ORDER, Service, declare, embedded_db, is_ready, port_in_use
 from control.supervisor_client import ControlError, Supervisor
 from control.supervisord import render
 
@@ -54,10 +60,14 @@ class Row:
 
 
 class Suite:
-    def __init__(self, settings: Settings, *, api_key: str) -> None:
+    """The suite of one home. Constructing it writes nothing; :meth:`prepare` writes the home's
+    files (and is called only by the commands that start or restart services)."""
+
+    def __init__(self, settings: Settings, *, api_key: str | None = None) -> None:
         self.settings = settings
         self.home = settings.home
         self.api_key = api_key
+        """The key to start with; None means the stored one (or a new one at the first start)."""
         self.supervisor = Supervisor(self.home)
         self.effective_config = self.home / "effective.toml"
         self.services = declare(settings, self.effective_config)
@@ -75,22 +85,37 @@ class Suite:
 
     # --- files --------------------------------------------------------------------------------
 
-    def prepare(self) -> bool:
+    def prepare(self) -> set[str]:
         """Write the home's files (secrets, effective config, supervisord.conf).
 
-        Returns whether the secrets changed since the last time.
+        Returns the names of the secrets whose values changed since the last time.
         """
         ensure_home(self.home)
-        self._secrets = {
-            "BINDER_API_KEY": self.api_key,
-            "CONFIGPROXY_AUTH_TOKEN": proxy_token(self.home),
-        }
-        env_file = self.home / "secrets.env"
-        before = env_file.read_text() if env_file.exists() else ""
-        write_env_file(self.home, self._secrets)
+        before = read_secrets(self.home)
+        self.api_key = self.api_key or choose_api_key(self.home, None, {})
+        self._secrets = ensure_secrets(
+            self.home,
+            settings=self.settings,
+            api_key=self.api_key,
+            embedded_db=embedded_db(self.settings),
+        )
         write_private(self.effective_config, dump_toml(self.settings))
         write_private(self.supervisor.conf, self.render())
-        return before != env_file.read_text()
+        return {k for k, v in self._secrets.items() if before.get(k) != v}
+
+    def secrets(self) -> dict[str, str]:
+        """The secrets the services run with (read from the home; never written here)."""
+        if not self._secrets:
+            self._secrets = read_secrets(self.home)
+        return self._secrets
+
+    def restart_if_secrets_changed(self, changed: set[str], names: list[str]) -> None:
+        """Stop those of ``names`` that run with an old value of a secret, so they start anew."""
+        for service in self.services:
+            info = self.supervisor.info(service.name)
+            running = info is not None and info["statename"] in ("RUNNING", "STARTING", "BACKOFF")
+            if service.name in names and running and changed & set(service.secrets):
+                self.supervisor.stop(service.name)
 
     def render(self) -> str:
         return render(home=self.home, python=sys.executable, services=self.services)
@@ -152,7 +177,7 @@ class Suite:
         while True:
             info = self.supervisor.info(service.name) or {}
             state = info.get("statename", "UNKNOWN")
-            if state in ("STARTING", "RUNNING") and is_ready(service, self._secrets):
+            if state in ("STARTING", "RUNNING") and is_ready(service, self.secrets()):
                 return
             if state in ("FATAL", "EXITED", "STOPPED") or time.monotonic() > deadline:
                 why = "gave up starting" if state == "FATAL" else f"is {state}"
@@ -167,21 +192,38 @@ class Suite:
             interval = min(interval * 1.5, 0.25)
 
     def start_all(self, *, on_wait: Callable[[str], None] = lambda _: None) -> None:
-        secrets_changed = self.prepare()
+        """Start everything in order. When a service fails, what this call started is stopped
+        again (supervisord too, if it started it) before the error is raised."""
+        changed = self.prepare()
+        daemon_was_running = self.supervisor.running()
         self.ensure_supervisord()
-        if secrets_changed:
+        self.restart_if_secrets_changed(changed, [s.name for s in self.services])
+        before = {s.name: self._active(s.name) for s in self.services}
+        try:
             for service in self.services:
-                info = self.supervisor.info(service.name)
-                if service.secrets and info and info["statename"] == "RUNNING":
-                    self.supervisor.stop(service.name)
-        for service in self.services:
-            self.start(service.name, on_wait=on_wait, settle=False)
-        self.await_settled(self.services)
+                self.start(service.name, on_wait=on_wait, settle=False)
+            self.await_settled(self.services)
+        except BinderError:
+            self._undo([s.name for s in self.services if not before[s.name]], daemon_was_running)
+            raise
+
+    def _active(self, name: str) -> bool:
+        info = self.supervisor.info(name)
+        return info is not None and info["statename"] in ("RUNNING", "STARTING", "BACKOFF")
+
+    def _undo(self, started: list[str], daemon_was_running: bool) -> None:
+        """Stop ``started`` (newest first) and supervisord when it was not running before."""
+        for name in reversed(started):
+            self.supervisor.stop(name)
+        if not daemon_was_running:
+            self.supervisor.shutdown()
 
     # --- stopping -----------------------------------------------------------------------------
 
     def stop(self, name: str) -> None:
         self.service(name)
+        if not self.supervisor.running():
+            return
         self.supervisor.stop(name)
         if name == "deploy-kubernetes":
             self._finish(self._stop_apps())
@@ -191,12 +233,17 @@ class Suite:
         if self.settings.deploy.backend == "kubernetes":
             return None
         deploy = self.service("deploy-kubernetes")
+        secrets = self.secrets()
         return subprocess.Popen(
             [*deploy.command, "--stop-apps"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "BINDER_HOME": str(self.home)},
+            env={
+                **os.environ,
+                "BINDER_HOME": str(self.home),
+                **{k: secrets[k] for k in deploy.secrets if k in secrets},
+            },
         )
 
     def _finish(self, proc: subprocess.Popen[str] | None) -> None:
@@ -227,7 +274,13 @@ class Suite:
                     time.sleep(0.02)
 
     def restart(self, name: str, *, on_wait: Callable[[str], None] = lambda _: None) -> None:
+        """Restart one service of a running suite, with the home's files written anew."""
         self.service(name)
+        if not self.supervisor.running():
+            raise ControlError(
+                f"cannot restart {name}: the suite is not running (start it with start-all)"
+            )
+        self.prepare()
         self.supervisor.stop(name)
         self.start(name, on_wait=on_wait)
 
@@ -242,13 +295,9 @@ class Suite:
             state = info["statename"] if info else "STOPPED"
             pid = info["pid"] or None if info else None
             uptime = (info["now"] - info["start"]) if info and state == "RUNNING" else None
-            ready = state == "RUNNING" and is_ready(service, self._secrets or self._load_secrets())
+            ready = state == "RUNNING" and is_ready(service, self.secrets())
             rows.append(Row(service.name, state, pid, uptime, ready, restarts.get(service.name, 0)))
         return rows
-
-    def _load_secrets(self) -> dict[str, str]:
-        self._secrets = read_env_file(self.home / "secrets.env")
-        return self._secrets
 
     def restart_counts(self) -> dict[str, int]:
         """Unexpected exits that supervisord restarted, since it last started (from its log)."""

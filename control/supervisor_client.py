@@ -16,6 +16,7 @@ from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from common.errors import BinderError
 from common.processes import alive
+from control.secrets import SECRET_NAMES
 
 
 class ControlError(BinderError):
@@ -28,18 +29,21 @@ class Supervisor:
         self.socket = home / "supervisor.sock"
         self.conf = home / "supervisord.conf"
 
-    @property
-    def _rpc(self) -> Any:
-        # a fresh connection per call: the transport's kept-alive one is unusable after a failure
+    def _raw(self, method: str, *args: Any) -> Any:
+        """Call ``method`` on a fresh connection (the transport's kept-alive one is unusable after
+        a failure), closed afterwards whatever happens."""
         transport = SupervisorTransport(None, None, f"unix://{self.socket}")
-        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        target: Any = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        try:
+            for part in method.split("."):
+                target = getattr(target, part)
+            return target(*args)
+        finally:
+            transport.close()
 
     def _call(self, method: str, *args: Any) -> Any:
-        target = self._rpc
-        for part in method.split("."):
-            target = getattr(target, part)
         try:
-            return target(*args)
+            return self._raw(method, *args)
         except xmlrpc.client.Fault as exc:
             raise ControlError(f"supervisord refused {method}{args}: {exc.faultString}") from exc
         except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
@@ -47,7 +51,7 @@ class Supervisor:
 
     def running(self) -> bool:
         try:
-            return bool(self._rpc.supervisor.getState()["statecode"] == 1)
+            return bool(self._raw("supervisor.getState")["statecode"] == 1)
         except (OSError, http.client.HTTPException, xmlrpc.client.Error):
             return False
 
@@ -60,11 +64,8 @@ class Supervisor:
     def start_daemon(self, *, timeout: float = 15.0) -> None:
         """Start supervisord on the rendered config and wait for its socket to answer."""
         supervisord = Path(sys.executable).parent / "supervisord"
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("BINDER_API_KEY", "CONFIGPROXY_AUTH_TOKEN")
-        }
+        # secrets reach programs through control.launch only, never supervisord's environment
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_NAMES}
         result = subprocess.run(
             [str(supervisord), "-c", str(self.conf)],
             env=env,
@@ -95,7 +96,7 @@ class Supervisor:
 
     def info(self, name: str) -> dict[str, Any] | None:
         try:
-            return dict(self._rpc.supervisor.getProcessInfo(name))
+            return dict(self._raw("supervisor.getProcessInfo", name))
         except xmlrpc.client.Fault as exc:
             if exc.faultCode == Faults.BAD_NAME:
                 return None
@@ -105,20 +106,20 @@ class Supervisor:
 
     def all_info(self) -> list[dict[str, Any]]:
         try:
-            return [dict(i) for i in self._rpc.supervisor.getAllProcessInfo()]
+            return [dict(i) for i in self._raw("supervisor.getAllProcessInfo")]
         except (OSError, http.client.HTTPException, xmlrpc.client.Error):
             return []
 
     def start(self, name: str) -> None:
         try:
-            self._rpc.supervisor.startProcess(name, False)
+            self._raw("supervisor.startProcess", name, False)
         except xmlrpc.client.Fault as exc:
             if exc.faultCode != Faults.ALREADY_STARTED:
                 raise ControlError(f"could not start {name}: {exc.faultString}") from exc
 
     def stop(self, name: str) -> None:
         try:
-            self._rpc.supervisor.stopProcess(name, True)
+            self._raw("supervisor.stopProcess", name, True)
         except xmlrpc.client.Fault as exc:
             if exc.faultCode not in (Faults.NOT_RUNNING, Faults.BAD_NAME):
                 raise ControlError(f"could not stop {name}: {exc.faultString}") from exc
@@ -127,7 +128,7 @@ class Supervisor:
 
     def stderr_tail(self, name: str, length: int = 4000) -> str:
         try:
-            text, _, _ = self._rpc.supervisor.tailProcessStderrLog(name, 0, length)
+            text, _, _ = self._raw("supervisor.tailProcessStderrLog", name, 0, length)
             return str(text)
         except (OSError, http.client.HTTPException, xmlrpc.client.Error):
             return ""

@@ -256,7 +256,7 @@ def bench_logs(lines: int) -> None:
     db = Database(work).start()
     logs = LoggingServer(work, db).start()
     try:
-        sink = AggregatorSink(logs.url, capacity=lines + 1)
+        sink = AggregatorSink(logs.url, token=logs.token, capacity=lines + 1)
         apps = [f"{n:032x}" for n in range(200)]
         stamp = datetime.now(UTC).isoformat()
         start = time.perf_counter()
@@ -275,7 +275,7 @@ def bench_logs(lines: int) -> None:
         if sink.pending():
             raise SystemExit(f"{sink.pending()} lines were not delivered")
         latencies = []
-        with httpx.Client(timeout=30) as client:
+        with httpx.Client(timeout=30, headers=logs.auth) as client:
             for n in range(100):
                 t = time.perf_counter()
                 r = client.get(

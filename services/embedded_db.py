@@ -1,24 +1,29 @@
 """The ``db`` program when no ``mongod`` is installed: the embedded MongoDB-compatible server.
 
 Run as its own process (``python -m services.embedded_db --host H --port P --storage-path DIR``);
-the services only ever speak the wire protocol to it. Every commit is synced to disk before it
-is acknowledged. It differs from ``secantusd-py`` in one more way:
+the services only ever speak the wire protocol to it. Every commit is synced to disk before it is acknowledged. It differs from
+``secantusd-py`` in two more ways:
 on SIGTERM it wakes the server's accept loop with a connection, so it stops in a few tens of
-milliseconds instead of waiting out the accept thread's two-second join.
+milliseconds instead of waiting out the accept thread's two-second join; and with ``--auth`` it
+provisions the user named in ``BINDER_DB_URI`` (an environment variable, never an argument) before
+it listens, then requires SCRAM-SHA-256 authentication of every client.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
 import time
 from types import FrameType
+from urllib.parse import unquote, urlsplit
 
 from secantus import SecantusDBServer
+from secantus.auth import SCRAM_SHA_256, derive_credentials
 
 
 def _wake(host: str, port: int, done: threading.Event) -> None:
@@ -32,11 +37,36 @@ def _wake(host: str, port: int, done: threading.Event) -> None:
         time.sleep(0.005)
 
 
+def provision_user(server: SecantusDBServer, uri: str) -> str:
+    """Create (or update, so a new password takes effect) the user with the credentials of
+    ``uri``, with the ``root`` role, directly in the server's storage before it listens: no
+    client ever reaches it without authentication. Returns the user's name."""
+    parts = urlsplit(uri)
+    user, password = unquote(parts.username or ""), unquote(parts.password or "")
+    if not user or not password:
+        raise SystemExit("embedded_db: --auth needs BINDER_DB_URI with a user and a password")
+    record = {
+        "_id": f"admin.{user}",
+        "user": user,
+        "db": "admin",
+        "credentials": derive_credentials(password, username=user).to_doc(),
+        "roles": [{"role": "root", "db": "admin"}],
+        "mechanisms": [SCRAM_SHA_256],
+    }
+    server.storage.add_user("admin", user, record, replace=True)
+    return user
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.embedded_db", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=27017)
     parser.add_argument("--storage-path", required=True)
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="require authentication; the user and password come from BINDER_DB_URI",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -45,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         storage_path=args.storage_path,
+        require_auth=args.auth,
         sync_on_commit=True,  # an acknowledged write survives a kill -9 (see scripts/bench db)
     )
+    if args.auth:
+        user = provision_user(server, os.environ.get("BINDER_DB_URI", ""))
+        logging.getLogger("embedded_db").info("authentication required; user %s provisioned", user)
     done = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:

@@ -124,32 +124,49 @@ class Proc:
 
 
 class Database:
-    """The suite's ``db`` program (the embedded MongoDB-compatible server, durable commits) on a
-    free port, with the faults the tests inject: kill -9, freeze and thaw."""
+    """The suite's ``db`` program (``python -m services.embedded_db``: durable commits) on a free
+    port, requiring authentication as the suite runs it (``auth=False`` for an open one), with
+    the faults the tests inject: kill -9, freeze and thaw."""
 
-    def __init__(self, workdir: Path) -> None:
+    USER = "binder"
+
+    def __init__(self, workdir: Path, *, auth: bool = True) -> None:
         self.port = free_port()
         self.dir = workdir / "db"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.password = secrets.token_hex(12) if auth else ""
+        argv = [
+            sys.executable,
+            "-m",
+            "services.embedded_db",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--storage-path",
+            str(self.dir),
+        ]
         self.proc = Proc(
-            [
-                sys.executable,
-                "-m",
-                "services.embedded_db",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--storage-path",
-                str(self.dir),
-            ],
+            [*argv, "--auth"] if auth else argv,
             log=workdir / "db.log",
+            env={**os.environ, "BINDER_DB_URI": self.uri},  # the credentials: never in argv
             cwd=ROOT,
         )
 
     @property
-    def uri(self) -> str:
+    def anonymous_uri(self) -> str:
+        """The server's address without credentials."""
         return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    @property
+    def uri(self) -> str:
+        """The address with the credentials (when the server requires them)."""
+        if not self.password:
+            return self.anonymous_uri
+        return (
+            f"mongodb://{self.USER}:{self.password}@127.0.0.1:{self.port}/"
+            "?directConnection=true&authSource=admin"
+        )
 
     def start(self) -> Database:
         self.proc.start()
@@ -237,6 +254,7 @@ class DeployServer:
         self.workdir, self.db, self.proxy = workdir, db, proxy
         self.port = free_port()
         self.api_key = secrets.token_hex(16)
+        self.logging_token = secrets.token_hex(16)
         self.home = workdir / "home"
         self.config = workdir / "deploy.toml"
         options = {"port": self.port, "host": "127.0.0.1", **deploy}
@@ -268,6 +286,7 @@ class DeployServer:
             **os.environ,
             "BINDER_API_KEY": self.api_key,
             "CONFIGPROXY_AUTH_TOKEN": self.proxy.token,
+            "BINDER_LOGGING_TOKEN": self.logging_token,
             "BINDER_HOME": str(self.home),
         }
         self.proc = Proc(
@@ -358,6 +377,7 @@ class LoggingServer:
         self.home = workdir / "home"
         (self.home / "logs" / "apps").mkdir(parents=True, exist_ok=True)
         self.config = workdir / "logging.toml"
+        self.token = secrets.token_hex(16)
         options = {"port": self.port, **logging}
         database = f"logs{secrets.token_hex(4)}"
         self.config.write_text(
@@ -370,8 +390,12 @@ class LoggingServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
     def start(self) -> LoggingServer:
-        env = {**os.environ, "BINDER_HOME": str(self.home)}
+        env = {**os.environ, "BINDER_HOME": str(self.home), "BINDER_LOGGING_TOKEN": self.token}
         self.proc = Proc(
             [sys.executable, "-m", "services.logging", "--config", str(self.config)],
             log=self.workdir / "logging.log",
@@ -394,7 +418,7 @@ class LoggingServer:
         self.proc.kill9()
 
     def query(self, **params: Any) -> dict[str, Any]:
-        response = httpx.get(self.url + "/logs", params=params, timeout=30)
+        response = httpx.get(self.url + "/logs", params=params, headers=self.auth, timeout=30)
         assert response.status_code == 200, response.text
         data: dict[str, Any] = response.json()
         return data

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         except BinderError as exc:
             print(f"deploy-kubernetes: {exc.message}", file=sys.stderr)
             return 1
-    sink = AggregatorSink(settings.logging.url)
+    sink = AggregatorSink(settings.logging.url, token=settings.logging.token)
     configure_logging("deploy-kubernetes", sinks=[sink])
     if not settings.api_key:
         logger.warning("BINDER_API_KEY is not set: every endpoint that needs the key answers 403")

@@ -1,8 +1,13 @@
-"""The log aggregator: ingest, query, live tail, file following, retention."""
+"""The log aggregator: ingest, query, live tail, file following, retention.
+
+Ingest and query require ``Authorization: Bearer <token>`` (``BINDER_LOGGING_TOKEN``); ``/health``
+and ``/metrics`` are open.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from common.background import Background, repeat
-from common.errors import BinderError, MalformedRequestError
+from common.errors import BinderError, MalformedRequestError, UnauthorizedError
 from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS, metrics_response, read_body
 from services.logging.ingest import LogFilters, parse_body, parse_filters, to_wire
@@ -116,8 +121,22 @@ def _agg(request: Request) -> Aggregator:
     return agg
 
 
-async def ingest(request: Request) -> Response:
+def _authorized(request: Request) -> Aggregator:
+    """The aggregator, once the request carries its bearer token (compared in constant time)."""
     agg = _agg(request)
+    token = agg.settings.logging.token
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if not token:
+        raise UnauthorizedError("the log aggregator has no token (BINDER_LOGGING_TOKEN) set")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise UnauthorizedError("missing or wrong token: send Authorization: Bearer <token>")
+    return agg
+
+
+async def ingest(request: Request) -> Response:
+    agg = _authorized(request)
     body = await read_body(request, agg.settings.logging.max_body_bytes)
     records, refused = parse_body(body, max_depth=agg.settings.http.max_json_depth)
     stored = await agg.store.insert(records)
@@ -152,7 +171,7 @@ def _order(params: Any) -> bool:
 
 
 async def query(request: Request) -> Response:
-    agg = _agg(request)
+    agg = _authorized(request)
     params = request.query_params
     started = time.perf_counter()
     filters = parse_filters(dict(params), now=datetime.now(UTC))
@@ -164,7 +183,7 @@ async def query(request: Request) -> Response:
 
 
 async def stream(request: Request) -> Response:
-    agg = _agg(request)
+    agg = _authorized(request)
     filters = parse_filters(dict(request.query_params), now=datetime.now(UTC))
     live = LogFilters(filters.service, filters.level, filters.app, None, filters.until, filters.q)
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

@@ -1,17 +1,19 @@
 """A loguru sink that ships records to the log aggregator without ever blocking the caller.
 
-Records go into a bounded buffer; a daemon thread posts them in batches to ``POST /logs``,
-retrying while the aggregator is down. Each record carries a unique ``rid`` so that a batch sent
-twice (an answer lost in a restart) is stored once. Nothing is lost silently: a batch answered
-413 (too large) is split in halves and sent again; a single record too large to store, records
-the aggregator refuses (4xx), and the oldest records when the buffer is full are dropped and
-counted (``binder_log_records_dropped_total``, see :meth:`AggregatorSink.collector`).
+Records go into a bounded buffer; a daemon thread posts them in batches to ``POST /logs`` with the
+aggregator's bearer token, retrying while the aggregator is down. Each record carries a unique
+``rid`` so that a batch sent twice (an answer lost in a restart) is stored once. Nothing is lost
+silently: a batch answered 413 (too large) is split in halves and sent again; a single record too
+large to store, records the aggregator refuses (4xx, a wrong token too), and the oldest records
+when the buffer is full are dropped and counted (``binder_log_records_dropped_total``, see
+:meth:`AggregatorSink.collector`).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import sys
 import threading
 import time
 from collections import deque
@@ -30,8 +32,9 @@ RETRY_MAX_SECONDS = 5.0
 
 
 class AggregatorSink:
-    def __init__(self, url: str, *, capacity: int = 50_000) -> None:
+    def __init__(self, url: str, *, token: str, capacity: int = 50_000) -> None:
         self._url = url.rstrip("/") + "/logs"
+        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         self._buffer: deque[dict[str, Any]] = deque()
         self._inflight: list[dict[str, Any]] = []
         self._capacity = capacity
@@ -124,7 +127,7 @@ class AggregatorSink:
             response = client.post(
                 self._url,
                 content=json.dumps(batch, default=str),
-                headers={"Content-Type": "application/json"},
+                headers=self._headers,
             )
         except httpx.HTTPError:
             return None
@@ -136,6 +139,11 @@ class AggregatorSink:
         would not help): those the answer counts, else the whole batch."""
         if code < 400:
             return 0
+        if code in (401, 403):
+            # a wrong token: the records are lost, so say so (on stderr: logging it through
+            # loguru would come back here)
+            sys.stderr.write(f"log sink: the aggregator refused the token; {len(batch)} dropped\n")
+            return len(batch)
         try:
             accepted = int(self._last_answer.json().get("accepted", 0))
         except (ValueError, AttributeError, TypeError):

@@ -31,9 +31,38 @@ def logging_factory(tmp_path: Path, database: Database) -> Iterator[Callable[...
         server.stop()
 
 
-def _post(server: LoggingServer, records: list[dict[str, Any]] | str) -> httpx.Response:
+def _post(
+    server: LoggingServer,
+    records: list[dict[str, Any]] | str,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     body = records if isinstance(records, str) else json.dumps(records)
-    return httpx.post(server.url + "/logs", content=body, timeout=60)
+    return httpx.post(
+        server.url + "/logs",
+        content=body,
+        headers=server.auth if headers is None else headers,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "not-even-bearer"}],
+    ids=["no token", "wrong token", "no scheme"],
+)
+def test_ingest_and_query_need_the_token(
+    logging_factory: Callable[..., LoggingServer], headers: dict[str, str]
+) -> None:
+    logs = logging_factory()
+    forged = [{"service": "deploy-kubernetes", "message": "forged", "time": "2020-01-01T00:00:00Z"}]
+    assert _post(logs, forged, headers=headers).status_code == 403
+    for path in ("/logs", "/logs/stream"):
+        answer = httpx.get(logs.url + path, headers=headers, timeout=10)
+        assert answer.status_code == 403
+        assert answer.json()["type"] == "unauthorized"
+    assert httpx.get(logs.url + "/health", timeout=10).status_code == 200
+    assert _post(logs, [{"service": "t", "message": "with the token"}]).status_code == 200
+    assert [r["message"] for r in logs.all()] == ["with the token"]
 
 
 def test_deploy_server_sink_ships_records_queryable_by_app(
@@ -41,6 +70,7 @@ def test_deploy_server_sink_ships_records_queryable_by_app(
 ) -> None:
     logs = logging_factory()
     deploy = deploy_factory()
+    deploy.logging_token = logs.token
     deploy.config.write_text(
         deploy.config.read_text().replace(
             "[logging]\nport = ", f"[logging]\nport = {logs.port}\n# was "
@@ -115,6 +145,7 @@ def test_live_tail_delivers_a_line_posted_after_it_opened(
             "GET",
             logs.url + "/logs/stream",
             params={"service": "web"},
+            headers=logs.auth,
             timeout=httpx.Timeout(5, read=20),
         ) as r:
             for line in r.iter_lines():
@@ -206,7 +237,7 @@ def test_aggregator_killed_while_sink_logs_loses_and_duplicates_nothing(
     logging_factory: Callable[..., LoggingServer],
 ) -> None:
     logs = logging_factory()
-    sink = AggregatorSink(logs.url)
+    sink = AggregatorSink(logs.url, token=logs.token)
     total = 3000
     for n in range(total):
         sink.push(
@@ -227,3 +258,14 @@ def test_aggregator_killed_while_sink_logs_loses_and_duplicates_nothing(
     messages = [r["message"] for r in logs.all(service="s")]
     assert len(messages) == total
     assert set(messages) == {f"m{n}" for n in range(total)}
+
+
+def test_a_sink_with_a_wrong_token_counts_its_records_dropped(
+    logging_factory: Callable[..., LoggingServer],
+) -> None:
+    logs = logging_factory()
+    sink = AggregatorSink(logs.url, token="wrong")
+    sink.push({"time": datetime.now(UTC).isoformat(), "service": "w", "message": "lost"})
+    sink.close(timeout=10)
+    assert (sink.pending(), sink.dropped) == (0, 1)
+    assert logs.all(service="w") == []

@@ -173,7 +173,7 @@ def test_sink_counts_dropped_records_for_metrics() -> None:
 
     from services.logging.sink import AggregatorSink
 
-    sink = AggregatorSink("http://127.0.0.1:9", capacity=3)  # nothing listens there
+    sink = AggregatorSink("http://127.0.0.1:9", token="t", capacity=3)  # nothing listens there
     try:
         for n in range(5):
             sink.push({"service": "s", "message": f"m{n}"})

@@ -60,7 +60,7 @@ def test_bad_config_exits_1_with_one_line(tmp_path: Path) -> None:
     assert "proxy.api_port" in result.output
 
 
-def test_config_masks_the_key(tmp_path: Path) -> None:
+def test_config_on_a_fresh_home_writes_nothing(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,
         ["--home", str(tmp_path / "h"), "config"],
@@ -69,6 +69,8 @@ def test_config_masks_the_key(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "0123456789abcdef0123456789abcdef" not in result.output
     assert "[deploy.kubernetes]" in result.output
+    assert "api key (BINDER_API_KEY): not set" in result.output
+    assert not (tmp_path / "h").exists()
 
 
 def test_systemd_unit_runs_supervisord_in_the_foreground(tmp_path: Path) -> None:

@@ -54,6 +54,18 @@ def test_secrets_come_from_the_environment_and_stay_out_of_repr(tmp_path: Path) 
         ("[deploy]\nportt = 1\n", "unknown key 'deploy.portt'"),
         ("[proxy]\nport = 70000\n", "'proxy.port' must be a port"),
         ("[deploy\n", "not valid TOML"),
+        ("[deploy]\nhost = 'not a host'\n", "'deploy.host' must be an IP address or a host name"),
+        ("[db]\nhost = '-bad-'\n", "'db.host' must be"),
+        ("[deploy]\nmax_age_seconds = -1\n", "'deploy.max_age_seconds' must be greater than 0"),
+        ("[deploy]\ndefault_cull_timeout_ms = -1\n", "'deploy.default_cull_timeout_ms'"),
+        ("[deploy]\ncull_interval_seconds = -1\n", "'deploy.cull_interval_seconds'"),
+        ("[logging]\nmax_body_bytes = 0\n", "'logging.max_body_bytes' must be greater than 0"),
+        ("[deploy]\ntemplates_dir = '/no/such'\n", "'deploy.templates_dir' must be an existing"),
+        ("[proxy]\npublic_host = 'https://h.org'\n", "'proxy.public_host' must be host"),
+        ("[proxy]\npublic_host = 'h.org/x'\n", "'proxy.public_host'"),
+        ("[proxy]\npublic_host = 'h.org:0'\n", "'proxy.public_host'"),
+        ("[proxy]\napi_port = 8000\n", "'proxy.api_port' and 'proxy.port' are both 8000"),
+        ("[logging]\nport = 8084\n", "'deploy.port' and 'logging.port' are both 8084"),
     ],
 )
 def test_bad_config_names_file_key_and_type(tmp_path: Path, text: str, message: str) -> None:
@@ -104,4 +116,29 @@ def test_bad_public_use_limits_are_refused_naming_the_key(
     cfg = tmp_path / "c.toml"
     cfg.write_text(text)
     with pytest.raises(ConfigError, match=message):
+        load_settings(cfg, home=tmp_path, environ={})
+
+
+@pytest.mark.parametrize(
+    "public_host", ["binder.example.org", "binder.example.org:443", "10.0.0.1:8000", "[::1]:8000"]
+)
+def test_good_public_hosts_are_accepted(tmp_path: Path, public_host: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[proxy]\npublic_host = '{public_host}'\n")
+    assert load_settings(cfg, home=tmp_path, environ={}).public_host == public_host
+
+
+def test_an_external_database_frees_the_db_port(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[db]\nuri = 'mongodb://u:p@db.example/'\nport = 8084\n")
+    assert load_settings(cfg, home=tmp_path, environ={}).db.port == 8084
+
+
+def test_the_logging_token_comes_from_the_environment_only(tmp_path: Path) -> None:
+    s = load_settings(home=tmp_path, environ={"BINDER_LOGGING_TOKEN": "ltok"})
+    assert s.logging.token == "ltok"
+    assert "ltok" not in repr(s)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[logging]\ntoken = 'in-a-file'\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'logging\.token'"):
         load_settings(cfg, home=tmp_path, environ={})
