@@ -15,6 +15,7 @@ from common.proxy import Proxy, ProxyClient
 from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS
 from services.deploy_kubernetes.backends.base import Backend, Observed
+from services.deploy_kubernetes.console import Console
 from services.deploy_kubernetes.deployer import Deployer
 from services.deploy_kubernetes.errors import BinderError
 from services.deploy_kubernetes.metrics import Metrics
@@ -88,9 +89,11 @@ def create_app(
             keeper_interval=keeper_interval,
         )
         await service.start()
+        console = Console.create(settings, service)
         try:
-            yield {"service": service}
+            yield {"service": service, "console": console}
         finally:
+            await console.aclose()
             await service.stop()
 
     return Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
