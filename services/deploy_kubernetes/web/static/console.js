@@ -97,12 +97,12 @@
       const max = t["max-deployments"] ? ` of ${t["max-deployments"]}` : "";
       return el("tr", {},
         el("th", { scope: "row" }, t.name),
-        el("td", {}, el("code", {}, t["image-source"] || t["image-name"] || "–")),
-        el("td", {}, limits),
-        el("td", {}, `${t.active}${max}`),
-        el("td", {}, String(t.pool.size)),
-        el("td", {}, String(t.pool.ready)),
-        el("td", {}, String(t.pool.starting)),
+        el("td", { "data-label": "Image" }, el("code", {}, t["image-source"] || t["image-name"] || "–")),
+        el("td", { "data-label": "Limits" }, limits),
+        el("td", { "data-label": "Running" }, `${t.active}${max}`),
+        el("td", { "data-label": "Pool size" }, String(t.pool.size)),
+        el("td", { "data-label": "Ready" }, String(t.pool.ready)),
+        el("td", { "data-label": "Starting" }, String(t.pool.starting)),
         el("td", {}, form));
     });
     $("pool-rows").replaceChildren(...rows);
@@ -153,9 +153,9 @@
       svg.append(svgEl("text", { x: x + slot / 2, y: height - bottom + 14, "font-size": 10, "text-anchor": "middle", fill: "#4a4a4a" }, label));
     });
     svg.append(svgEl("text", { x: width / 2, y: height - 4, "font-size": 11, "text-anchor": "middle", fill: "#4a4a4a" }, "seconds from request to deployed"));
-    const legend = el("p", { class: "note" }, summary);
-    const keys = el("ul", { class: "note" }, ...series.map(([, label, colour]) => el("li", {}, `${label}: ${colour === "#0b5cad" ? "blue" : "green"} bars`)));
-    box.replaceChildren(svg, legend, keys);
+    const colours = { "#0b5cad": "blue", "#1a7f37": "green" };
+    const legend = el("p", { class: "note" }, series.map(([key, label, colour]) => `${colours[colour]} bars: ${label} (${latency[key].count}, mean ${(latency[key].sum / Math.max(1, latency[key].count)).toFixed(2)} s)`).join("; "));
+    box.replaceChildren(svg, legend);
   }
 
   async function loadOverview() {
@@ -182,12 +182,12 @@
 
   function renderDeployments(data) {
     const rows = data.rows.map((row) => el("tr", { "data-id": row.id },
-      el("td", {}, el("span", { class: "mono", title: row.id }, row.id)),
-      el("td", {}, row.template),
-      el("td", {}, statusChip(row.status)),
-      el("td", {}, age(row.created, data.now)),
-      el("td", {}, ago(row["last-activity"], data.now)),
-      el("td", { class: "reason" }, row.reason || ""),
+      el("td", { "data-label": "Id" }, el("span", { class: "mono", title: row.id }, row.id)),
+      el("td", { "data-label": "Template" }, row.template),
+      el("td", { "data-label": "Status" }, statusChip(row.status)),
+      el("td", { "data-label": "Age" }, age(row.created, data.now)),
+      el("td", { "data-label": "Last activity" }, ago(row["last-activity"], data.now)),
+      el("td", { class: "reason", "data-label": "Reason" }, row.reason || "–"),
       actions(row)));
     $("dep-rows").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: "7" }, "No deployments match."))]));
     const counts = Object.entries(data.counts).map(([k, v]) => `${v.toLocaleString("en")} ${k}`).join(", ");
