@@ -27,8 +27,8 @@
     if (state === "pending") item.querySelector(".time").textContent = "";
   }
 
-  function tick() {
-    if (!attempt || attempt.finished) return;
+  function tick(force) {
+    if (!attempt || (attempt.finished && !force)) return;
     $("elapsed").textContent = seconds(performance.now() - attempt.started);
     for (const name of PHASES) {
       const item = $(`phase-${name}`);
@@ -37,7 +37,7 @@
       }
     }
   }
-  setInterval(tick, 100);
+  setInterval(() => tick(false), 100);
 
   function note(text) {
     const el = $("connection");
@@ -104,6 +104,7 @@
 
   function fail(info) {
     if (attempt) {
+      tick(true);
       attempt.finished = true;
       closeStream(attempt);
     }
@@ -149,6 +150,7 @@
   function onStatus(a, dep) {
     if (a !== attempt || a.finished) return;
     if (dep.status === "deployed" && dep.url) {
+      tick(true);
       a.finished = true;
       closeStream(a);
       setPhase("starting", "done");
