@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import EXAMPLE_COMMAND, ROOT, DeployServer
+from harness import EXAMPLE_COMMAND, ROOT, Database, DeployServer, LoggingServer
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -256,3 +256,44 @@ def test_console_needs_the_key_lists_and_deletes_a_deployment(
     page.set_viewport_size({"width": 360, "height": 740})
     tab.shot("console-narrow")
     assert tab.errors(deploy.url) == []
+
+
+def _sign_in(page: Any, deploy: DeployServer) -> None:
+    page.goto(deploy.url + "/console")
+    page.get_by_label("API key").fill(deploy.api_key)
+    page.get_by_role("button", name="Sign in").click()
+    page.locator("#dep-table").wait_for()
+
+
+def test_console_shows_a_deployments_logs_and_tails_new_lines(
+    deploy_factory: Any, database: Database, tab: Tab
+) -> None:
+    deploy = deploy_factory()
+    # the log aggregator shares the deploy server's home, so it follows the apps' output too
+    aggregator = LoggingServer(deploy.workdir, database)
+    deploy.config.write_text(
+        re.sub(
+            r"\[logging\]\nport = \d+",
+            f"[logging]\nport = {aggregator.port}",
+            deploy.config.read_text(),
+        )
+    )
+    aggregator.start()
+    try:
+        deploy.start()
+        dep_id = deploy.launch()
+        deploy.wait_status(dep_id, "deployed")
+        page = tab.page
+        _sign_in(page, deploy)
+        page.locator(f"#dep-rows tr[data-id='{dep_id}']").get_by_role("button", name="Logs").click()
+        lines = page.locator("#logs-lines")
+        page.locator("#logs-state", has_text="live").wait_for()
+        lines.get_by_text("deployed").first.wait_for()  # the deploy server's own record
+        assert deploy.proxy.get(f"/user/{dep_id}/live-tail-check").status_code == 200
+        lines.get_by_text("/live-tail-check").first.wait_for(timeout=20_000)  # the app's output
+        tab.shot("console-logs")
+        assert tab.axe_violations() == []
+        assert tab.errors(deploy.url) == []
+    finally:
+        deploy.stop()
+        aggregator.stop()
