@@ -172,16 +172,21 @@ def test_cut_event_stream_and_unreachable_server_still_land_on_the_app(
 ) -> None:
     _register(deploy, "slow", SLOW_COMMAND)
     page = tab.page
-    # every event stream ends at once, before any final status: the page must poll instead
+    # every event stream ends after one backend progress message, before any final status:
+    # the page shows the message, then polls the status instead
     page.route(
         "**/events",
         lambda route: route.fulfill(
-            status=200, headers={"Content-Type": "text/event-stream"}, body=": cut\n\n"
+            status=200,
+            headers={"Content-Type": "text/event-stream"},
+            body='event: progress\ndata: {"message": "Pulling image binder-example"}\n\n',
         ),
     )
     page.goto(deploy.url + "/launch/slow")
     note = page.locator("#connection")
     note.get_by_text("live updates were cut").wait_for()
+    assert "Pulling image binder-example" in page.locator("#progress-list").inner_text()
+    tab.shot("launch-cut")
     # then the server stops answering for a while
     page.route(re.compile(r".*/applications/slow/[0-9a-f]{32}$"), lambda route: route.abort())
     note.get_by_text("unreachable").wait_for()
