@@ -42,7 +42,12 @@ def page_response(
     body = render(body_name, **values)
     tag = f'<script src="/static/{script}" defer></script>' if script else ""
     document = render("layout", title=escape(title), body=body, script=tag)
-    headers = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
+    headers = {
+        "Content-Security-Policy": CSP,
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin",
+    }
     return HTMLResponse(document, status_code=status_code, headers=headers)
 
 

@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from harness import EXAMPLE_COMMAND, ROOT, Database, DeployServer, LoggingServer
-
-playwright_api = pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 AXE = ROOT / ".node" / "node_modules" / "axe-core" / "axe.min.js"
@@ -42,7 +41,7 @@ def browser() -> Iterator[Any]:
         )
     if not AXE.exists():
         pytest.fail("axe-core is missing: run scripts/setup (npm install axe-core)")
-    with playwright_api.sync_playwright() as p:
+    with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()

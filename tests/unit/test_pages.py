@@ -96,6 +96,12 @@ def test_sign_in_sets_a_strict_http_only_cookie_and_changes_need_the_header(
     assert client.delete(f"/console/api/deployments/example/{dep_id}").status_code == 403
     deleted = client.delete(f"/console/api/deployments/example/{dep_id}", headers=HEADER)
     assert deleted.json()["status"] == "deleted"
+    resized = client.put("/console/api/pools/example", json={"size": 2}, headers=HEADER)
+    assert resized.json()["size"] == 2
+    assert (
+        client.put("/console/api/pools/example", json={"size": -1}, headers=HEADER).status_code
+        == 422
+    )
     assert client.delete("/console/session", headers=HEADER).status_code == 200
     assert client.get("/console/api/overview").status_code == 403
 
