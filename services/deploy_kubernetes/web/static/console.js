@@ -74,9 +74,9 @@
     const limits = data["per-client"] || {};
     const names = { per_client_max_deployments: "Per client: running", per_client_launches_per_minute: "Per client: launches a minute" };
     for (const [key, label] of Object.entries(names)) {
-      items.push([label, key in limits ? String(limits[key]) : "not configured on this server"]);
+      items.push(key in limits ? [label, String(limits[key])] : [label, "not configured on this server", "unset"]);
     }
-    $("capacity").replaceChildren(...items.map(([k, v]) => el("div", {}, el("dt", {}, k), el("dd", {}, v))));
+    $("capacity").replaceChildren(...items.map(([k, v, cls]) => el("div", {}, el("dt", {}, k), el("dd", cls ? { class: cls } : {}, v))));
   }
 
   function renderPools(data) {
