@@ -12,13 +12,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from common.web import metrics_response, read_json_object, require_key
-from services.deploy_kubernetes.badge import BADGE_ROUTES
-from services.deploy_kubernetes.console import CONSOLE_ROUTES
 from services.deploy_kubernetes.errors import MalformedRequestError
 from services.deploy_kubernetes.models import Status, check_name, parse_cull_timeout, parse_template
 from services.deploy_kubernetes.openapi import openapi_document
-from services.deploy_kubernetes.pages import PAGE_ROUTES
 from services.deploy_kubernetes.service import Service
+from services.deploy_kubernetes.web_routes import WEB_ROUTES
 
 MAX_BODY = 64 * 1024
 SSE_KEEPALIVE_SECONDS = 15.0
@@ -205,8 +203,5 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
-    # web pages: the launch page, badges, the operator console
-    *PAGE_ROUTES,
-    *BADGE_ROUTES,
-    *CONSOLE_ROUTES,
+    *WEB_ROUTES,  # the front page, launch page, badges and operator console
 ]
