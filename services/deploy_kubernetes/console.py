@@ -13,6 +13,7 @@ from starlette.routing import Route
 from common.settings import Settings
 from common.web import read_json_object
 from services.deploy_kubernetes.console_auth import (
+    COOKIE,
     Sessions,
     clear_session_cookie,
     key_matches,
@@ -98,7 +99,7 @@ async def sign_in(request: Request) -> Response:
 
 async def sign_out(request: Request) -> Response:
     console = _session(request, changes_state=True)
-    console.sessions.end(request.cookies.get("binder_console"))
+    console.sessions.end(request.cookies.get(COOKIE))
     response = JSONResponse({"signed-in": False})
     clear_session_cookie(response, secure=request.url.scheme == "https")
     return response

@@ -135,3 +135,17 @@ def test_deployments_page_filters_sorts_and_pages_thousands(
     assert [r["reason"] for r in found["rows"]] == ["reason 2999"]
     bad = client.get("/console/api/deployments", params={"sort": "nope"})
     assert bad.status_code == 422
+
+
+def test_openapi_describes_the_pages_and_console_calls(client: TestClient) -> None:
+    paths = set(client.get("/openapi.json").json()["paths"])
+    assert {
+        "/",
+        "/launch/{template}",
+        "/badge.svg",
+        "/badge/{template}.svg",
+        "/console",
+        "/console/session",
+        "/console/api/deployments",
+        "/console/api/logs/stream",
+    } <= paths
