@@ -18,6 +18,9 @@ class Proxy(Protocol):
     async def add_route(self, path: str, target: str) -> None: ...
     async def remove_route(self, path: str) -> None: ...
     async def routes(self) -> dict[str, tuple[str, datetime | None]]: ...
+    async def route(self, path: str) -> str | None:
+        """The target of one route, or None when the proxy has no such route."""
+
     async def public_get(self, path: str) -> int: ...
 
 
@@ -53,6 +56,18 @@ class ProxyClient:
 
     async def remove_route(self, path: str) -> None:
         await self._call("DELETE", f"/api/routes{path}")
+
+    async def route(self, path: str) -> str | None:
+        try:
+            response = await self._api.get(f"/api/routes{path}")
+        except httpx.HTTPError as exc:
+            raise BadProxyError(f"proxy API unreachable: {exc.__class__.__name__}") from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            raise BadProxyError(f"proxy API answered {response.status_code} to GET {path}")
+        target = response.json().get("target")
+        return str(target) if target else None
 
     async def routes(self) -> dict[str, tuple[str, datetime | None]]:
         """Every route as ``{path: (target, last_activity)}``."""

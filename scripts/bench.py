@@ -356,6 +356,8 @@ def main() -> None:
     logs.add_argument("--lines", type=int, default=200_000)
     control = sub.add_parser("control")
     control.add_argument("--runs", type=int, default=5)
+    pages = sub.add_parser("pages")
+    pages.add_argument("--runs", type=int, default=10)
     sub.add_parser("all")
     args = parser.parse_args()
     if args.what in ("launch", "all"):
@@ -367,6 +369,10 @@ def main() -> None:
         bench_logs(getattr(args, "lines", 200_000))
     if args.what in ("control", "all"):
         bench_control(getattr(args, "runs", 5))
+    if args.what in ("pages", "all"):
+        from bench_pages import bench_pages
+
+        bench_pages(getattr(args, "runs", 10) if args.what == "pages" else 10)
 
 
 if __name__ == "__main__":

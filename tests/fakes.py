@@ -136,6 +136,7 @@ class FakeBackend:
         self.notify: Notify | None = None
         self.api_calls: dict[str, int] = {}
         self.extra_loops: dict[str, Callable[[], Awaitable[None]]] = {}
+        self.pings = 0
         self.ping_raises: Exception | None = None
         """An exception ``ping`` raises as it is, standing for a client error not translated."""
 
@@ -149,6 +150,7 @@ class FakeBackend:
         return dict(self.extra_loops)
 
     async def ping(self) -> None:
+        self.pings += 1
         if self.ping_raises is not None:
             raise self.ping_raises
         if self.down:
@@ -192,6 +194,8 @@ class FakeProxy:
     def __init__(self) -> None:
         self.table: dict[str, tuple[str, datetime | None]] = {}
         self.down = False
+        self.listings = 0
+        """How often the whole routing table was listed."""
 
     def _check(self) -> None:
         if self.down:
@@ -213,7 +217,12 @@ class FakeProxy:
 
     async def routes(self) -> dict[str, tuple[str, datetime | None]]:
         self._check()
+        self.listings += 1
         return dict(self.table)
+
+    async def route(self, path: str) -> str | None:
+        self._check()
+        return self.table[path][0] if path in self.table else None
 
     async def public_get(self, path: str) -> int:
         return 200 if any(path.startswith(p) for p in self.table) else 404

@@ -17,6 +17,7 @@ from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS
 from services.deploy_kubernetes.access import AccessLog
 from services.deploy_kubernetes.backends.base import Backend
+from services.deploy_kubernetes.console import Console
 from services.deploy_kubernetes.errors import BinderError
 from services.deploy_kubernetes.limits import ClientLimits
 from services.deploy_kubernetes.metrics import Metrics
@@ -113,9 +114,16 @@ def create_app(
             client_limits=client_limits,
         )
         await service.start()
+        console = Console.create(settings, service)
         try:
-            yield {"service": service, "client_limits": client_limits, "edge": settings.http}
+            yield {
+                "service": service,
+                "client_limits": client_limits,
+                "edge": settings.http,
+                "console": console,
+            }
         finally:
+            await console.aclose()
             await service.stop()
 
     return Starlette(

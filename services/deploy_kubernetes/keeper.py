@@ -1,6 +1,10 @@
 """The keeper: every few seconds it looks at the database, the proxy and the backend (each look
 bounded by a deadline, so a frozen dependency shows as down instead of hanging), puts routes of
-deployed apps back after a proxy restart, fails launches that hang, and sets the gauges."""
+deployed apps back after a proxy restart, fails launches that hang, and sets the gauges.
+
+The proxy keeps routes in memory only. The keeper learns of its restart without listing every
+route: it keeps one sentinel route of its own there and asks for that one alone each time; when
+it is gone, the proxy has started afresh, and the routes are listed and put back once."""
 
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ from services.deploy_kubernetes.records import Records
 from services.deploy_kubernetes.store import ACTIVE
 
 CHECK_DEADLINE_SECONDS = 1.5
+SENTINEL_ROUTE = "/_binder-keeper"
+SENTINEL_TARGET = "http://127.0.0.1:9"
+"""Where the sentinel route points: nothing listens there (the discard port)."""
 
 
 class Keeper:
@@ -45,6 +52,8 @@ class Keeper:
         self.interval = interval
         self._healthy: dict[str, str] = dict.fromkeys(("database", "proxy", "backend"), "unknown")
         self._checked: dict[str, float] = {}
+        self._proxy_fresh = True
+        """True until the routes of deployed apps are known to be in the proxy."""
 
     def health(self) -> dict[str, str]:
         """Each dependency's last word; ``stale`` when no look has finished for too long."""
@@ -69,7 +78,7 @@ class Keeper:
 
     async def check_once(self) -> None:
         await self._probe("database", self._records.ping)
-        await self._probe("proxy", self._proxy.ping)
+        await self._probe("proxy", self._look_at_proxy)
         await self._probe("backend", self._backend.ping)
         if self._healthy["database"] != "ok":
             return
@@ -78,8 +87,9 @@ class Keeper:
                 await self._ender.flush()
                 active = await self._records.find(statuses=ACTIVE, pooled=None)
                 self._set_gauges(active)
-                if self._healthy["proxy"] == "ok":
+                if self._healthy["proxy"] == "ok" and self._proxy_fresh:
                     await self._restore_routes(active)
+                    self._proxy_fresh = False
                 await self._fail_hung(active)
         except (BinderError, TimeoutError) as exc:
             logger.warning("keeper check incomplete: {}", getattr(exc, "message", "timed out"))
@@ -94,6 +104,12 @@ class Keeper:
             self.mark(name, f"no answer within {CHECK_DEADLINE_SECONDS:g} s")
         else:
             self.mark(name, "ok")
+
+    async def _look_at_proxy(self) -> None:
+        """One cheap request: is the sentinel route still there (the proxy did not restart)?"""
+        if await self._proxy.route(SENTINEL_ROUTE) is None:
+            await self._proxy.add_route(SENTINEL_ROUTE, SENTINEL_TARGET)
+            self._proxy_fresh = True
 
     def _set_gauges(self, active: list[Deployment]) -> None:
         counts = {s.value: 0 for s in Status}

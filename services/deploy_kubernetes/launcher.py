@@ -127,10 +127,8 @@ class Launcher:
         spec = LaunchSpec(dep.id, template)
         elapsed = (now() - dep.created).total_seconds()
         deadline = time.monotonic() + max(1.0, self.timeout - elapsed)
-        if observed is None:
+        if observed is None:  # found again by its id (labels, environment) after a crash
             observed = await self._backend.launch(spec)
-            change = Change(target=observed.target, backend_ref=observed.ref)
-            dep = await self._records.update(dep.id, change) or dep
         observed = await self._backend.wait_ready(spec, observed, deadline=deadline)
         assert observed.target is not None
         await self._proxy.add_route(dep.route, observed.target)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.deploy_kubernetes.openapi_pages import page_paths
+
 NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"}
 ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 STATUS = {"type": "string", "enum": ["deploying", "deployed", "failed", "deleted"]}
@@ -232,6 +234,7 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             "/openapi.json": {"get": _op("This document", _json({"type": "object"}, "OpenAPI"))},
+            **page_paths(),
         },
         "components": {
             "securitySchemes": {

@@ -19,6 +19,7 @@ from services.deploy_kubernetes.models import Status, check_name, parse_cull_tim
 from services.deploy_kubernetes.openapi import openapi_document
 from services.deploy_kubernetes.records import Progress, Update
 from services.deploy_kubernetes.service import Service
+from services.deploy_kubernetes.web_routes import WEB_ROUTES
 
 MAX_BODY = 64 * 1024
 SSE_KEEPALIVE_SECONDS = 15.0
@@ -235,4 +236,5 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
+    *WEB_ROUTES,  # the front page, launch page, badges and operator console
 ]

@@ -168,8 +168,10 @@ class Service:
         async for update in self.records.watch(dep_id, idle_seconds=idle_seconds):
             yield update
 
-    async def delete(self, template: str, dep_id: str) -> Deployment:
-        return await self.ender.delete(await self.get(template, dep_id), "deleted by request")
+    async def delete(
+        self, template: str, dep_id: str, *, reason: str = "deleted by request"
+    ) -> Deployment:
+        return await self.ender.delete(await self.get(template, dep_id), reason)
 
     def health(self) -> dict[str, str]:
         return {
