@@ -8,7 +8,9 @@ which the aggregator follows in each program's ``*.err.log``."""
 from __future__ import annotations
 
 import json
+import secrets
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from datetime import UTC
@@ -19,6 +21,12 @@ from loguru import logger
 Sink = Callable[[Any], None]
 RESERVED = ("time", "service", "level", "message")
 MAX_TRACEBACK = 8000
+
+
+def record_id() -> str:
+    """A unique record id that sorts in the order ids were made (lines of one instant keep the
+    order they were written in): nanoseconds since the epoch, then randomness."""
+    return f"{time.time_ns():016x}{secrets.token_hex(6)}"
 
 
 def record_to_dict(record: Any) -> dict[str, Any]:

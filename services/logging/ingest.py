@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common.errors import MalformedRequestError
+from common.logs import record_id
 from common.web import check_json_depth
 
 LEVELS = ("trace", "debug", "info", "success", "warning", "error", "critical")
@@ -75,7 +75,7 @@ def to_record(data: Any) -> dict[str, Any]:
     if len(extra) > MAX_EXTRA or any(k.startswith("$") or "." in k for k in extra):
         raise ValueError(f"extra fields: at most {MAX_EXTRA}, names without '$' or '.'")
     record = {
-        "_id": rid or secrets.token_hex(12),
+        "_id": rid or record_id(),
         "time": when,
         "service": data["service"],
         "level": normalise_level(data.get("level", "info")),

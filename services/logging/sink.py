@@ -12,7 +12,6 @@ when the buffer is full are dropped and counted (``binder_log_records_dropped_to
 from __future__ import annotations
 
 import json
-import secrets
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ import httpx
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from common.logs import record_to_dict
+from common.logs import record_id, record_to_dict
 
 BATCH = 5000
 FLUSH_SECONDS = 0.2
@@ -51,7 +50,7 @@ class AggregatorSink:
         self.push(record_to_dict(message.record))
 
     def push(self, record: dict[str, Any]) -> None:
-        record.setdefault("rid", secrets.token_hex(12))
+        record.setdefault("rid", record_id())
         with self._lock:
             if len(self._buffer) >= self._capacity:
                 self._buffer.popleft()

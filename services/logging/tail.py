@@ -134,6 +134,8 @@ class Tailer:
             state.inode, state.offset = st.st_ino, 0
         elif st.st_size < state.offset:  # truncated
             state.offset = 0
+        elif st.st_size == state.offset:  # nothing new: no need to open it
+            return total
         total += await self._read(path, key, state, final=False)
         return total
 

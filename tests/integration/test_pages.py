@@ -275,6 +275,7 @@ def test_console_shows_a_deployments_logs_and_tails_new_lines(
     deploy = deploy_factory()
     # the log aggregator shares the deploy server's home, so it follows the apps' output too
     aggregator = LoggingServer(deploy.workdir, database)
+    aggregator.token = deploy.logging_token  # the deploy server relays the tail with its token
     deploy.config.write_text(
         re.sub(
             r"\[logging\]\nport = \d+",
