@@ -1,8 +1,10 @@
 """The ``db`` program when no ``mongod`` is installed: the embedded MongoDB-compatible server.
 
 Run as its own process (``python -m services.embedded_db --host H --port P --storage-path DIR``);
-the services only ever speak the wire protocol to it. It differs from ``secantusd-py`` in one way:
-on SIGTERM it wakes the server's accept loop with a connection, so it stops in a few tens of
+the services only ever speak the wire protocol to it. It differs from ``secantusd-py`` in two ways:
+it flushes its journal to disk before it acknowledges a write (``--sync-on-commit``, on by
+default: without it a kill -9 loses the last acknowledged writes, see ``scripts/bench db``); and on
+SIGTERM it wakes the server's accept loop with a connection, so it stops in a few tens of
 milliseconds instead of waiting out the accept thread's two-second join.
 """
 
@@ -36,11 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=27017)
     parser.add_argument("--storage-path", required=True)
+    parser.add_argument(
+        "--sync-on-commit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="flush the journal to disk before acknowledging each write (default: on)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    server = SecantusDBServer(host=args.host, port=args.port, storage_path=args.storage_path)
+    server = SecantusDBServer(
+        host=args.host,
+        port=args.port,
+        storage_path=args.storage_path,
+        sync_on_commit=args.sync_on_commit,
+    )
     done = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
