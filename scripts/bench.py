@@ -356,6 +356,10 @@ def main() -> None:
     logs.add_argument("--lines", type=int, default=200_000)
     control = sub.add_parser("control")
     control.add_argument("--runs", type=int, default=5)
+    db = sub.add_parser("db", help="embedded database candidates side by side")
+    db.add_argument("--rounds", type=int, default=5)
+    db.add_argument("--seconds", type=float, default=3.0)
+    db.add_argument("--ferretdb", type=Path, default=None, help="a FerretDB 1.x binary")
     sub.add_parser("all")
     args = parser.parse_args()
     if args.what in ("launch", "all"):
@@ -367,6 +371,13 @@ def main() -> None:
         bench_logs(getattr(args, "lines", 200_000))
     if args.what in ("control", "all"):
         bench_control(getattr(args, "runs", 5))
+    if args.what in ("db", "all"):
+        from bench_db import bench_db
+
+        a = vars(args)
+        bench_db(
+            rounds=a.get("rounds", 5), seconds=a.get("seconds", 3.0), ferretdb=a.get("ferretdb")
+        )
 
 
 if __name__ == "__main__":
