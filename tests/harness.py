@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -125,18 +124,17 @@ class Proc:
 
 
 class Database:
-    """The embedded MongoDB-compatible server on a free port."""
+    """The embedded MongoDB-compatible server on a free port, run as the suite's `db` runs it."""
 
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.dir = workdir / "db"
         self.dir.mkdir(parents=True, exist_ok=True)
-        server = shutil.which("secantusd-py", path=str(VENV_BIN))
-        if server is None:
-            raise RuntimeError("secantusd-py is missing: run `make setup` (it installs secantusdb)")
         self.proc = Proc(
             [
-                server,
+                sys.executable,
+                "-m",
+                "services.embedded_db",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -145,6 +143,7 @@ class Database:
                 str(self.dir),
             ],
             log=workdir / "db.log",
+            cwd=ROOT,
         )
 
     @property

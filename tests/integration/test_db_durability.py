@@ -4,13 +4,12 @@ on the same data, three rounds."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ROOT, Proc, free_port, port_open, wait_for
+from harness import Database
 from pymongo import ASCENDING, MongoClient, ReturnDocument
 
 pytestmark = pytest.mark.integration
@@ -19,38 +18,22 @@ WRITES = 100
 """Records inserted, then moved `deploying` -> `deployed`, per round (two writes each)."""
 
 
-class EmbeddedDb:
-    """``python -m services.embedded_db`` with its default options, restartable on its data."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        data = workdir / "db"
-        data.mkdir()
-        argv = [sys.executable, "-m", "services.embedded_db", "--port", str(self.port)]
-        self.proc = Proc([*argv, "--storage-path", str(data)], log=workdir / "db.log", cwd=ROOT)
-
-    def start(self) -> EmbeddedDb:
-        self.proc.start()
-        wait_for(lambda: port_open(self.port), timeout=30, what="the embedded database")
-        return self
-
-    def client(self) -> MongoClient[dict[str, Any]]:
-        uri = f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
-        return MongoClient(uri, serverSelectionTimeoutMS=5000)
-
-
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[EmbeddedDb]:
-    server = EmbeddedDb(tmp_path).start()
+def db(tmp_path: Path) -> Iterator[Database]:
+    server = Database(tmp_path).start()
     yield server
-    server.proc.stop()
+    server.stop()
 
 
-def _acknowledged_writes(db: EmbeddedDb, round_no: int) -> dict[str, str]:
+def _client(db: Database) -> MongoClient[dict[str, Any]]:
+    return MongoClient(db.uri, serverSelectionTimeoutMS=5000)
+
+
+def _acknowledged_writes(db: Database, round_no: int) -> dict[str, str]:
     """Insert records and move each one's status as the deploy store does; returns what each
     acknowledged record must read from now on."""
     acked: dict[str, str] = {}
-    with db.client() as client:
+    with _client(db) as client:
         coll = client["durability"]["deployments"]
         coll.create_index([("id", ASCENDING)], unique=True)
         for n in range(WRITES):
@@ -68,12 +51,12 @@ def _acknowledged_writes(db: EmbeddedDb, round_no: int) -> dict[str, str]:
     return acked
 
 
-def test_acknowledged_writes_survive_kill_9(db: EmbeddedDb) -> None:
+def test_acknowledged_writes_survive_kill_9(db: Database) -> None:
     acked: dict[str, str] = {}
     for round_no in range(3):
         acked |= _acknowledged_writes(db, round_no)
         db.start()
-        with db.client() as client:
+        with _client(db) as client:
             cursor = client["durability"]["deployments"].find({}, {"_id": 0, "id": 1, "status": 1})
             stored = {doc["id"]: doc["status"] for doc in cursor}
         lost = {key: want for key, want in acked.items() if stored.get(key) != want}
