@@ -359,6 +359,7 @@ def main() -> None:
     db = sub.add_parser("db", help="embedded database candidates side by side")
     db.add_argument("--rounds", type=int, default=5)
     db.add_argument("--seconds", type=float, default=3.0)
+    db.add_argument("--records", type=int, default=1000, help="records the status moves go over")
     db.add_argument("--ferretdb", type=Path, default=None, help="a FerretDB 1.x binary")
     sub.add_parser("all")
     args = parser.parse_args()
@@ -376,7 +377,10 @@ def main() -> None:
 
         a = vars(args)
         bench_db(
-            rounds=a.get("rounds", 5), seconds=a.get("seconds", 3.0), ferretdb=a.get("ferretdb")
+            rounds=a.get("rounds", 5),
+            seconds=a.get("seconds", 3.0),
+            records=a.get("records", 1000),
+            ferretdb=a.get("ferretdb"),
         )
 
 

@@ -76,7 +76,7 @@ def ferretdb_candidate(binary: Path) -> Candidate:
             f"--state-dir={data}",
             f"--debug-addr=127.0.0.1:{free_port()}",
             "--telemetry=disable",
-            "--log-level=warn",
+            "--log-level=WARN",
         ],
     )
 
@@ -127,7 +127,7 @@ class Server:
 
     def client(self) -> MongoClient[dict[str, Any]]:
         return MongoClient(
-            self.uri, retryWrites=True, serverSelectionTimeoutMS=1000, socketTimeoutMS=5000
+            self.uri, retryWrites=True, serverSelectionTimeoutMS=1000, socketTimeoutMS=60_000
         )
 
 
@@ -148,7 +148,6 @@ def _move(coll: Collection[dict[str, Any]], key: str, source: str, to: str) -> b
     doc = coll.find_one_and_update(
         {"id": key, "status": source},
         {"$set": {"status": to}},
-        projection={"_id": 0},
         return_document=ReturnDocument.AFTER,
     )
     return doc is not None
@@ -197,34 +196,43 @@ def crash_round(server: Server, concern: WriteConcern, round_no: int) -> tuple[i
     return len(acked.inserted) + len(acked.moved), lost
 
 
-def throughput(server: Server, concern: WriteConcern, seconds: float) -> dict[str, float]:
-    """Inserts/s, then status moves/s over the inserted records, with server CPU per op."""
-    coll = _records(server, "speed", concern)
-    figures: dict[str, float] = {}
+def _timed(server: Server, seconds: float, op: Callable[[int], None]) -> tuple[float, float]:
+    """Run ``op(0)``, ``op(1)``, ... for ``seconds``; returns ops/s and server CPU us per op."""
     cpu, start, n = server.cpu_seconds(), time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
-        coll.insert_one(_record(f"{n:08d}"))
+        op(n)
         n += 1
     elapsed = time.perf_counter() - start
-    figures["inserts_per_s"] = n / elapsed
-    figures["cpu_us_per_insert"] = (server.cpu_seconds() - cpu) / n * 1e6
-    count, moves = n, 0
-    cpu, start = server.cpu_seconds(), time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        pass_no, i = divmod(moves, count)
+    return n / elapsed, (server.cpu_seconds() - cpu) / n * 1e6
+
+
+def throughput(
+    server: Server, concern: WriteConcern, *, seconds: float, records: int
+) -> dict[str, float]:
+    """Inserts/s; then status moves/s over ``records`` stored records; server CPU per op."""
+    inserts = _records(server, "inserts", concern)
+    moves = _records(server, "moves", concern)
+    moves.insert_many([_record(f"{i:08d}") for i in range(records)])
+
+    def move(n: int) -> None:
+        pass_no, i = divmod(n, records)
         source, to = ("deploying", "deployed") if pass_no % 2 == 0 else ("deployed", "deploying")
-        if not _move(coll, f"{i:08d}", source, to):
+        if not _move(moves, f"{i:08d}", source, to):
             raise SystemExit(f"{server.candidate.name}: status move of {i} found no record")
-        moves += 1
-    elapsed = time.perf_counter() - start
-    figures["moves_per_s"] = moves / elapsed
-    figures["cpu_us_per_move"] = (server.cpu_seconds() - cpu) / moves * 1e6
-    coll.drop()
-    coll.database.client.close()
+
+    figures: dict[str, float] = {}
+    rate, cpu = _timed(server, seconds, lambda n: inserts.insert_one(_record(f"{n:08d}")) and None)
+    figures["inserts_per_s"], figures["cpu_us_per_insert"] = rate, cpu
+    figures["moves_per_s"], figures["cpu_us_per_move"] = _timed(server, seconds, move)
+    inserts.drop()
+    moves.drop()
+    inserts.database.client.close()
     return figures
 
 
-def measure(candidate: Candidate, *, rounds: int, seconds: float) -> list[dict[str, Any]]:
+def measure(
+    candidate: Candidate, *, rounds: int, seconds: float, records: int
+) -> list[dict[str, Any]]:
     work = Path(tempfile.mkdtemp(prefix="binder-bench-db-"))
     data = work / "data"
     data.mkdir()
@@ -240,7 +248,7 @@ def measure(candidate: Candidate, *, rounds: int, seconds: float) -> list[dict[s
                 row["acked"] = sum(a for a, _ in crashes)
                 row["lost"] = sum(lost for _, lost in crashes)
                 row["rounds_losing"] = sum(lost > 0 for _, lost in crashes)
-                row.update(throughput(server, concern, seconds))
+                row.update(throughput(server, concern, seconds=seconds, records=records))
             except PyMongoError as exc:
                 row["error"] = f"{exc.__class__.__name__}: {str(exc)[:120]}"
             rows.append(row)
@@ -251,7 +259,7 @@ def measure(candidate: Candidate, *, rounds: int, seconds: float) -> list[dict[s
 
 
 COLUMNS = (  # key, heading, width, format of a number
-    ("candidate", "candidate", 28, ""),
+    ("candidate", "candidate", 30, ""),
     ("write_concern", "write", 11, ""),
     ("lost", "lost", 5, "d"),
     ("acked", "acked", 7, "d"),
@@ -267,7 +275,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("  ".join(f"{head:>{w}}" if fmt else f"{head:{w}}" for _, head, w, fmt in COLUMNS))
     for row in rows:
         if "error" in row:
-            print(f"{row['candidate']:28}  {row['write_concern']:11}  error: {row['error']}")
+            print(f"{row['candidate']:30}  {row['write_concern']:11}  error: {row['error']}")
             continue
         print(
             "  ".join(
@@ -276,18 +284,18 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def bench_db(*, rounds: int, seconds: float, ferretdb: Path | None) -> None:
+def bench_db(*, rounds: int, seconds: float, records: int, ferretdb: Path | None) -> None:
     candidates = [secantus_candidate(sync_on_commit=True), secantus_candidate(sync_on_commit=False)]
     if ferretdb is not None:
         candidates.append(ferretdb_candidate(ferretdb))
     print(
-        f"embedded database candidates: {rounds} kill -9 rounds and {seconds:g} s of inserts "
-        "and of status moves per write concern, one client, loopback"
+        f"embedded database candidates: {rounds} kill -9 rounds, {seconds:g} s of inserts and "
+        f"{seconds:g} s of status moves over {records} records per write concern; one client"
     )
     rows = [
         row
         for candidate in candidates
-        for row in measure(candidate, rounds=rounds, seconds=seconds)
+        for row in measure(candidate, rounds=rounds, seconds=seconds, records=records)
     ]
     print_table(rows)
     if ferretdb is None:
