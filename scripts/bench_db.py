@@ -214,6 +214,9 @@ def throughput(
     moves = _records(server, "moves", concern)
     moves.insert_many([_record(f"{i:08d}") for i in range(records)])
 
+    def insert(n: int) -> None:
+        inserts.insert_one(_record(f"{n:08d}"))
+
     def move(n: int) -> None:
         pass_no, i = divmod(n, records)
         source, to = ("deploying", "deployed") if pass_no % 2 == 0 else ("deployed", "deploying")
@@ -221,8 +224,7 @@ def throughput(
             raise SystemExit(f"{server.candidate.name}: status move of {i} found no record")
 
     figures: dict[str, float] = {}
-    rate, cpu = _timed(server, seconds, lambda n: inserts.insert_one(_record(f"{n:08d}")) and None)
-    figures["inserts_per_s"], figures["cpu_us_per_insert"] = rate, cpu
+    figures["inserts_per_s"], figures["cpu_us_per_insert"] = _timed(server, seconds, insert)
     figures["moves_per_s"], figures["cpu_us_per_move"] = _timed(server, seconds, move)
     inserts.drop()
     moves.drop()
