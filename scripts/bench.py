@@ -358,6 +358,11 @@ def main() -> None:
     control.add_argument("--runs", type=int, default=5)
     pages = sub.add_parser("pages")
     pages.add_argument("--runs", type=int, default=10)
+    db = sub.add_parser("db", help="embedded database candidates side by side")
+    db.add_argument("--rounds", type=int, default=5)
+    db.add_argument("--seconds", type=float, default=3.0)
+    db.add_argument("--records", type=int, default=1000, help="records the status moves go over")
+    db.add_argument("--ferretdb", type=Path, default=None, help="a FerretDB 1.x binary")
     sub.add_parser("all")
     args = parser.parse_args()
     if args.what in ("launch", "all"):
@@ -373,6 +378,16 @@ def main() -> None:
         from bench_pages import bench_pages
 
         bench_pages(getattr(args, "runs", 10) if args.what == "pages" else 10)
+    if args.what in ("db", "all"):
+        from bench_db import bench_db
+
+        a = vars(args)
+        bench_db(
+            rounds=a.get("rounds", 5),
+            seconds=a.get("seconds", 3.0),
+            records=a.get("records", 1000),
+            ferretdb=a.get("ferretdb"),
+        )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The ``db`` program when no ``mongod`` is installed: the embedded MongoDB-compatible server.
 
 Run as its own process (``python -m services.embedded_db --host H --port P --storage-path DIR``);
-the services only ever speak the wire protocol to it. Every commit is synced to disk before it is acknowledged. It differs from
-``secantusd-py`` in two more ways:
-on SIGTERM it wakes the server's accept loop with a connection, so it stops in a few tens of
+the services only ever speak the wire protocol to it. It differs from ``secantusd-py`` in three
+ways: it flushes its journal to disk before it acknowledges a write (``--sync-on-commit``, on by
+default: without it a kill -9 loses the last acknowledged writes, see ``scripts/bench db``); on
+SIGTERM it wakes the server's accept loop with a connection, so it stops in a few tens of
 milliseconds instead of waiting out the accept thread's two-second join; and with ``--auth`` it
 provisions the user named in ``BINDER_DB_URI`` (an environment variable, never an argument) before
 it listens, then requires SCRAM-SHA-256 authentication of every client.
@@ -67,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="require authentication; the user and password come from BINDER_DB_URI",
     )
+    parser.add_argument(
+        "--sync-on-commit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="flush the journal to disk before acknowledging each write (default: on)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -76,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         storage_path=args.storage_path,
         require_auth=args.auth,
-        sync_on_commit=True,  # an acknowledged write survives a kill -9 (see scripts/bench db)
+        sync_on_commit=args.sync_on_commit,
+        enable_test_commands=False,  # no fail points or test commands on the suite's data
     )
     if args.auth:
         user = provision_user(server, os.environ.get("BINDER_DB_URI", ""))
