@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -112,9 +113,13 @@ async def events(request: Request) -> Response:
                 pending = None
                 yield _sse(dep.to_api())
         finally:
-            if pending is not None:
-                pending.cancel()
-            await updates.aclose()
+            # the client may have gone (the stream is cancelled): finish the pending read before
+            # closing the generator it runs in, shielded from that cancellation
+            with anyio.CancelScope(shield=True):
+                if pending is not None:
+                    pending.cancel()
+                    await asyncio.wait({pending})
+                await updates.aclose()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)

@@ -179,3 +179,15 @@ def test_failed_command_reports_exit_code(deploy: DeployServer) -> None:
     info = deploy.wait_status(dep_id, "failed", "deployed", template="broken")
     assert info["status"] == "failed"
     assert info["reason"] == "process exited with code 3"
+
+
+def test_client_leaving_the_events_stream_logs_no_error(deploy: DeployServer) -> None:
+    dep_id = deploy.launch()
+    with httpx.stream("GET", f"{deploy.url}/applications/example/{dep_id}/events", timeout=30) as r:
+        for line in r.iter_lines():
+            if '"status": "deployed"' in line:
+                break
+    response = httpx.delete(f"{deploy.url}/applications/example/{dep_id}", headers=deploy.auth)
+    assert response.json()["status"] == "deleted"
+    assert deploy.proc is not None
+    assert "failed unexpectedly" not in deploy.proc.output()
