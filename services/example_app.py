@@ -17,7 +17,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PROBE_AGENT = "binder-readiness"
-"""The ``User-Agent`` prefix of the deploy server's readiness probes."""
+"""The ``User-Agent`` prefix of the deploy server's readiness probes and route checks
+(``common.proxy.PROBE_AGENT``; not imported: this app needs nothing but the standard library)."""
 
 
 def make_handler(base_url: str, greeting: str) -> type[BaseHTTPRequestHandler]:
