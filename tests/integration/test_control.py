@@ -167,6 +167,18 @@ def test_launch_through_the_suite(control: Control) -> None:
     assert {"deploy-kubernetes", "app"} <= services, services
 
 
+def test_proxy_logs_a_missing_route_but_not_each_api_request(control: Control) -> None:
+    control.launch()
+    assert control.through_proxy("0" * 32) == 404
+    log = control.home / "logs" / "proxy.out.log"
+    wait_for(
+        lambda: f"404 GET /user/{'0' * 32}/" in log.read_text(),
+        timeout=10,
+        what="the proxy's line for the missing route",
+    )
+    assert "/api/routes" not in log.read_text()
+
+
 def test_secrets_appear_in_no_command_line(control: Control) -> None:
     token = (control.home / "proxy-token").read_text().strip()
     for proc in Path("/proc").iterdir():
