@@ -9,6 +9,10 @@ import httpx
 
 from common.errors import BadProxyError
 
+PROBE_AGENT = "binder-readiness/1"
+"""``User-Agent`` of the deploy server's readiness probes and route checks, so that apps (the
+example app does) can leave them out of their request logs."""
+
 
 class Proxy(Protocol):
     """The proxy port: what the deploy server needs of configurable-http-proxy."""
@@ -33,7 +37,9 @@ class ProxyClient:
             headers={"Authorization": f"token {token}"},
             timeout=timeout,
         )
-        self._public = httpx.AsyncClient(base_url=public_url, timeout=timeout)
+        self._public = httpx.AsyncClient(
+            base_url=public_url, timeout=timeout, headers={"User-Agent": PROBE_AGENT}
+        )
 
     async def aclose(self) -> None:
         await self._api.aclose()
@@ -80,7 +86,8 @@ class ProxyClient:
         return out
 
     async def public_get(self, path: str) -> int:
-        """Status of a GET through the public port (0 when the proxy cannot be reached)."""
+        """Status of a GET through the public port (0 when the proxy cannot be reached); the
+        request names itself a probe (``PROBE_AGENT``)."""
         try:
             response = await self._public.get(path)
         except httpx.HTTPError:

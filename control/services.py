@@ -127,8 +127,10 @@ def declare(settings: Settings, effective_config: Path) -> list[Service]:
                 p.api_ip,
                 "--api-port",
                 str(p.api_port),
+                # warn: keeps 4xx/5xx answers and proxy errors, drops a line per API request
+                # (the keeper's route checks) and per route change (the deploy server logs those)
                 "--log-level",
-                "info",
+                "warn",
             ),
             ((p.ip, p.port), (p.api_ip, p.api_port)),
             ready_url=f"{p.api_url}/api/routes",

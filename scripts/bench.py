@@ -97,35 +97,13 @@ KUBE_TEMPLATE = {
 }
 
 
-def bench_launch(runs: int, backend: str) -> None:
+def bench_launch(runs: int, backend: str, bursts: int = 3) -> None:
     if backend != "local":
         return bench_launch_container(runs, backend)
-    print(f"launch latency, POST -> deployed, {runs} launches of `example` (local backend)")
-    with (
-        suite(cull_interval_seconds=3600) as server,
-        httpx.Client(base_url=server.url, timeout=30) as c,
-    ):
-        _launch_once(c, server)  # warm-up
-        unpooled = [_launch_once(c, server) for _ in range(runs)]
-        c.put("/pools/example", json={"size": 3}, headers=server.auth)
-        pooled = []
-        for _ in range(runs):
-            wait_for(
-                lambda: c.get("/pools/example", headers=server.auth).json()["ready"] >= 3,
-                timeout=30,
-                interval=0.01,
-                what="the pool to be full",
-            )
-            pooled.append(_launch_once(c, server))
-    figures = {
-        "unpooled_p50_ms": statistics.median(unpooled) * 1000,
-        "unpooled_p95_ms": pct(unpooled, 0.95) * 1000,
-        "pooled_p50_ms": statistics.median(pooled) * 1000,
-        "pooled_p95_ms": pct(pooled, 0.95) * 1000,
-    }
-    report(
-        "launch", figures, {"unpooled_p50_ms": "(target < 1000)", "pooled_p50_ms": "(target < 50)"}
-    )
+    import bench_launch as local
+
+    figures, targets = local.run(runs, bursts)
+    report("launch", figures, targets)
 
 
 def bench_launch_container(runs: int, backend: str) -> None:
@@ -350,6 +328,7 @@ def main() -> None:
     launch = sub.add_parser("launch")
     launch.add_argument("--runs", type=int, default=None, help="50 (local) or 30 (containers)")
     launch.add_argument("--backend", choices=["local", "docker", "kubernetes"], default="local")
+    launch.add_argument("--bursts", type=int, default=3, help="bursts of 10 (local; median taken)")
     status = sub.add_parser("status")
     status.add_argument("--seconds", type=int, default=10)
     logs = sub.add_parser("logs")
@@ -367,7 +346,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what in ("launch", "all"):
         backend = getattr(args, "backend", "local")
-        bench_launch(getattr(args, "runs", None) or (50 if backend == "local" else 30), backend)
+        runs = getattr(args, "runs", None) or 30
+        bench_launch(runs, backend, getattr(args, "bursts", 3))
     if args.what in ("status", "all"):
         bench_status(getattr(args, "seconds", 10))
     if args.what in ("logs", "all"):

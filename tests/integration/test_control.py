@@ -245,6 +245,22 @@ def test_launch_through_the_suite(control: Control) -> None:
     assert {json.loads(line)["id"] for line in logs} == {dep_id}
 
 
+def test_proxy_logs_a_missing_route_but_not_each_api_request(control: Control) -> None:
+    control.launch()
+    assert control.through_proxy("0" * 32) == 404
+    log = control.home / "logs" / "proxy.out.log"
+    wait_for(
+        lambda: f"404 GET /user/{'0' * 32}/" in log.read_text(),
+        timeout=10,
+        what="the proxy's line for the missing route",
+    )
+    # no line per API request (the keeper's look at its sentinel route is one a round); only a
+    # sentinel found missing, when the proxy has started afresh, is worth its warning line
+    lines = [line for line in log.read_text().splitlines() if "/api/routes" in line]
+    assert all("404 GET /api/routes/_binder-keeper" in line for line in lines), lines
+    assert len(lines) <= 1, lines
+
+
 def test_secrets_appear_in_no_command_line_config_or_log(control: Control) -> None:
     secrets_ = control.secret_values()
     assert len(set(secrets_)) == 4

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 import httpx
-from harness import DeployServer, Proxy, wait_for
+from harness import EXAMPLE_COMMAND, DeployServer, Proxy, wait_for
 
 from common.processes import alive
 
@@ -179,3 +179,34 @@ def test_failed_command_reports_exit_code(deploy: DeployServer) -> None:
     info = deploy.wait_status(dep_id, "failed", "deployed", template="broken")
     assert info["status"] == "failed"
     assert info["reason"] == "process exited with code 3"
+
+
+def test_slow_app_is_deployed_and_its_log_gets_no_line_per_probe(
+    deploy: DeployServer, proxy: Proxy
+) -> None:
+    template = {"command": [*EXAMPLE_COMMAND, "--delay", "1.5"]}
+    put = httpx.put(f"{deploy.url}/templates/slow", json=template, headers=deploy.auth)
+    assert put.status_code == 200, put.text
+    dep_id = deploy.launch("slow")
+    info = deploy.wait_status(dep_id, "deployed", "failed", template="slow")
+    assert info["status"] == "deployed", info
+    log = deploy.home / "logs" / "apps" / f"{dep_id}.log"
+    assert "GET " not in log.read_text(), "readiness probes were logged by the app"
+    assert proxy.get(f"/user/{dep_id}/").status_code == 200
+    wait_for(
+        lambda: log.read_text().count("GET ") == 1,
+        timeout=10,
+        what="the app to log the one request made through the proxy",
+    )
+
+
+def test_client_leaving_the_events_stream_logs_no_error(deploy: DeployServer) -> None:
+    dep_id = deploy.launch()
+    with httpx.stream("GET", f"{deploy.url}/applications/example/{dep_id}/events", timeout=30) as r:
+        for line in r.iter_lines():
+            if '"status": "deployed"' in line:
+                break
+    response = httpx.delete(f"{deploy.url}/applications/example/{dep_id}", headers=deploy.auth)
+    assert response.json()["status"] == "deleted"
+    assert deploy.proc is not None
+    assert "failed unexpectedly" not in deploy.proc.output()
