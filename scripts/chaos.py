@@ -70,7 +70,7 @@ class Ledger:
     def note(self, code: int, what: str = "") -> None:
         with self.lock:
             self.codes[code] += 1
-            if code == 404 or code >= 500:
+            if code in (404, 409) or code >= 500:
                 self.odd.append(f"{code} {what}")
 
 
@@ -204,7 +204,13 @@ def invariants(suite: Suite, ledger: Ledger) -> dict[str, int]:
             unreachable += code != 200
     label_dir = suite.home / "run" / "local"
     running = _suite_apps(label_dir)
-    unowned = sum(1 for dep_id in running if statuses.get(dep_id, "?") != "deployed")
+    for dep_id in set(running) - set(statuses):  # launched, but the answer was lost
+        r = httpx.get(f"{suite.url}/applications/example/{dep_id}", timeout=10)
+        statuses[dep_id] = r.json()["status"] if r.status_code == 200 else f"{r.status_code}"
+    strays = {d: statuses[d] for d in running if statuses[d] != "deployed"}
+    unowned = len(strays)
+    if strays:
+        print(f"chaos: apps running without a deployed record: {strays}", flush=True)
     return {
         "lost": lost,
         "stuck": stuck,

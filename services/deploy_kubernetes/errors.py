@@ -22,6 +22,7 @@ __all__ = [
     "MalformedRequestError",
     "NoRecordError",
     "NoTemplateError",
+    "NotReadyError",
     "PayloadTooLargeError",
     "RateLimitedError",
     "UnauthorizedError",
@@ -53,6 +54,16 @@ class RateLimitedError(BinderError):
 class BadBackendError(BinderError):
     status_code = 503
     type = "badBackend"
+
+
+class NotReadyError(BinderError):
+    """The server is starting: templates not loaded, records not reconciled yet."""
+
+    status_code = 503
+    type = "notReady"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
 
 
 class ConflictError(BinderError):

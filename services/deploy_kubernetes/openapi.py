@@ -34,7 +34,8 @@ def _errors(*codes: int) -> dict[str, Any]:
         429: "Capacity reached (type capacity), or this client over its own limits (type "
         "rateLimited: per_client_max_deployments or per_client_launches_per_minute); see Retry-After",
         431: "Request headers too large or too many",
-        503: "Database, proxy or backend unreachable",
+        503: "Database, proxy or backend unreachable (badDatabase, badProxy, badBackend), or "
+        "the server still starting (notReady, with Retry-After)",
     }
     out = {str(c): _json(_ref("Error"), text[c]) for c in codes}
     if 429 in codes:

@@ -229,32 +229,46 @@ class LocalBackend:
                 os.setuid(app.uid)
 
         log_path = self._log_dir / f"{spec.id}.log"
+
+        async def spawn_and_record() -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+            try:
+                # opening a local file in append mode does not wait on anything worth a thread
+                with open(log_path, "ab") as log:  # noqa: ASYNC230
+                    proc = await asyncio.create_subprocess_exec(
+                        *argv,
+                        env=env,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
+                        start_new_session=True,
+                        preexec_fn=preexec,
+                        cwd=workdir,
+                    )
+            except OSError as exc:
+                raise LaunchError(f"could not start {argv[0]!r}: {exc.strerror or exc}") from exc
+            ref = {
+                "pid": proc.pid,
+                "port": port,
+                "started": start_time(proc.pid),
+                "template": template.name,
+            }
+            if self._record_delay:
+                await anyio.sleep(self._record_delay)
+            self._record(spec.id, ref)
+            self._children[spec.id] = proc
+            self._background.spawn(self._reap(spec.id, proc, ref))
+            return proc, ref
+
+        # spawned and recorded as one step: a launch cancelled (deleted) meanwhile waits for the
+        # pid file, so its clean-up finds the app instead of leaving it running unseen
+        step = asyncio.ensure_future(spawn_and_record())
         try:
-            # opening a local file in append mode does not wait on anything worth a thread
-            with open(log_path, "ab") as log:  # noqa: ASYNC230
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    env=env,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                    preexec_fn=preexec,
-                    cwd=workdir,
-                )
-        except OSError as exc:
-            raise LaunchError(f"could not start {argv[0]!r}: {exc.strerror or exc}") from exc
-        ref = {
-            "pid": proc.pid,
-            "port": port,
-            "started": start_time(proc.pid),
-            "template": template.name,
-        }
-        if self._record_delay:
-            await anyio.sleep(self._record_delay)
-        self._record(spec.id, ref)
-        self._children[spec.id] = proc
-        self._background.spawn(self._reap(spec.id, proc, ref))
+            proc, ref = await asyncio.shield(step)
+        except asyncio.CancelledError:
+            await asyncio.wait({step})
+            with contextlib.suppress(Exception):
+                step.result()  # a spawn that failed has nothing to clean up
+            raise
         logger.bind(id=spec.id, template=template.name).info(
             "started pid {} on port {}", proc.pid, port
         )
