@@ -120,5 +120,7 @@ def test_deep_json_is_a_422(body: bytes, edged: DeployServer, aggregator: Loggin
         assert response.status_code == 422, response.text
         assert response.json()["type"] == "malformedRequest"
         assert "nested deeper" in response.json()["error"]
-    logs = httpx.post(f"{aggregator.url}/logs", content=body, timeout=QUICK)
+    logs = httpx.post(
+        f"{aggregator.url}/logs", content=body, headers=aggregator.auth, timeout=QUICK
+    )
     assert logs.status_code == 422, logs.text
