@@ -98,6 +98,10 @@ KUBE_TEMPLATE = {
 
 
 def bench_launch(runs: int, backend: str) -> None:
+    if backend == "kubernetes":
+        from bench_kube import bench_launch_kubernetes
+
+        return bench_launch_kubernetes(runs)
     if backend != "local":
         return bench_launch_container(runs, backend)
     print(f"launch latency, POST -> deployed, {runs} launches of `example` (local backend)")

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--base-url", default="/")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default=os.environ.get("EXAMPLE_HOST", "127.0.0.1"))
     args = parser.parse_args(argv)
     base = "/" + args.base_url.strip("/") + "/" if args.base_url.strip("/") else "/"
     greeting = os.environ.get("EXAMPLE_GREETING", "Hello from Binder")

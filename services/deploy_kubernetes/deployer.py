@@ -65,7 +65,7 @@ class Deployer:
         self.templates: dict[str, Template] = {}
         self._cache: OrderedDict[str, Deployment] = OrderedDict()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._watchers: dict[str, set[asyncio.Queue[Deployment]]] = {}
+        self._watchers: dict[str, set[asyncio.Queue[Deployment | str]]] = {}
         self._capacity_lock = asyncio.Lock()
         self.pool_wakeup = asyncio.Event()
         metrics.registry.register(BackendCalls(lambda: dict(backend.api_calls)))
@@ -80,6 +80,11 @@ class Deployer:
         for queue in self._watchers.get(dep.id, ()):
             queue.put_nowait(dep)
 
+    def progress(self, dep_id: str, message: str) -> None:
+        """Tell ``dep_id``'s watchers a backend's progress message (not a status change)."""
+        for queue in self._watchers.get(dep_id, ()):
+            queue.put_nowait(message)
+
     async def get(self, template: str, dep_id: str) -> Deployment:
         check_name(template)
         check_id(dep_id)
@@ -92,17 +97,19 @@ class Deployer:
             raise NoRecordError(f"no deployment {dep_id} of template {template}")
         return dep
 
-    async def watch(self, template: str, dep_id: str) -> AsyncGenerator[Deployment, None]:
-        """The deployment now, then each change, until a final status."""
+    async def watch(self, template: str, dep_id: str) -> AsyncGenerator[Deployment | str, None]:
+        """The deployment now, then each change (and progress message), until a final status."""
         dep = await self.get(template, dep_id)
-        queue: asyncio.Queue[Deployment] = asyncio.Queue()
+        queue: asyncio.Queue[Deployment | str] = asyncio.Queue()
         self._watchers.setdefault(dep_id, set()).add(queue)
         try:
             dep = self._cache.get(dep_id, dep)
             yield dep
             while not dep.status.final:
-                dep = await queue.get()
-                yield dep
+                item = await queue.get()
+                if isinstance(item, Deployment):
+                    dep = item
+                yield item
         finally:
             watchers = self._watchers.get(dep_id, set())
             watchers.discard(queue)
@@ -282,12 +289,13 @@ class Deployer:
         """The route works once the proxy serves it (answers it with anything but its 404).
 
         The app itself was found ready by the backend: by its own answer (local, docker) or by
-        its Pod's readiness probe (kubernetes, where the pod network may not reach this host).
+        its Pod's readiness probe (kubernetes). Through the proxy it must answer too: the proxy's
+        own 404 (no route yet) and its 5xx (target unreachable) do not count.
         """
         interval = 0.01
         while True:
             code = await self.proxy.public_get(dep.route + "/")
-            if code and code != 404:
+            if code and code != 404 and code < 500:
                 return
             if time.monotonic() > deadline:
                 raise LaunchError(f"the proxy does not serve {dep.route} (last answer {code})")
@@ -339,7 +347,10 @@ class Deployer:
         return await self.end(dep, Status.DELETED, reason)
 
     async def on_backend_event(self, observed: Observed) -> None:
-        """A backend object exited or vanished on its own."""
+        """A backend object exited or vanished on its own, or told a progress message."""
+        if observed.event is not None:
+            self.progress(observed.id, observed.event)
+            return
         if observed.state is not State.EXITED:
             return
         dep = self._cache.get(observed.id) or await self.store.get(observed.id)

@@ -13,7 +13,13 @@ from starlette.routing import Route
 
 from common.web import metrics_response, read_json_object, require_key
 from services.deploy_kubernetes.errors import MalformedRequestError
-from services.deploy_kubernetes.models import Status, check_name, parse_cull_timeout, parse_template
+from services.deploy_kubernetes.models import (
+    Deployment,
+    Status,
+    check_name,
+    parse_cull_timeout,
+    parse_template,
+)
 from services.deploy_kubernetes.openapi import openapi_document
 from services.deploy_kubernetes.service import Service
 
@@ -96,7 +102,7 @@ async def events(request: Request) -> Response:
     first = await anext(updates)  # errors (404, 422) are answered before the stream starts
 
     async def stream() -> AsyncIterator[str]:
-        yield _sse(first.to_api())
+        yield _sse(first)
         pending: asyncio.Task[Any] | None = None
         try:
             while True:
@@ -106,11 +112,11 @@ async def events(request: Request) -> Response:
                     yield ": keep-alive\n\n"
                     continue
                 try:
-                    dep = pending.result()
+                    item = pending.result()
                 except StopAsyncIteration:
                     return
                 pending = None
-                yield _sse(dep.to_api())
+                yield _sse(item)
         finally:
             if pending is not None:
                 pending.cancel()
@@ -120,8 +126,11 @@ async def events(request: Request) -> Response:
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
 
-def _sse(data: dict[str, Any]) -> str:
-    return f"event: status\ndata: {json.dumps(data)}\n\n"
+def _sse(item: Deployment | str) -> str:
+    """A status record as ``event: status``; a backend's progress message as ``event: progress``."""
+    if isinstance(item, str):
+        return f"event: progress\ndata: {json.dumps({'message': item})}\n\n"
+    return f"event: status\ndata: {json.dumps(item.to_api())}\n\n"
 
 
 async def preload(request: Request) -> Response:
