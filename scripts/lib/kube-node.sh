@@ -157,10 +157,13 @@ YML
 
 push() {  # push IMAGE: copy a locally built image into the registry, under the name pods use
     local image=$1 path=$1
-    case "${image%%/*}" in
-        *.*|*:*|localhost) say "push takes an image name without a registry host: $image"; return 2 ;;
-    esac
-    [[ $image == */* ]] || path="library/$image"
+    if [[ $image == */* ]]; then
+        case "${image%%/*}" in
+            *.*|*:*|localhost) say "push takes an image name without a registry host: $image"; return 2 ;;
+        esac
+    else
+        path="library/$image"
+    fi
     docker tag "$image" "$REGISTRY/$path"
     docker push -q "$REGISTRY/$path" >/dev/null
     docker rmi "$REGISTRY/$path" >/dev/null
@@ -202,6 +205,8 @@ JSON
     cat > "$STATE/containerd.toml" <<TOML
 version = 3
 root = "$CTRD_ROOT"
+# plugins that would make folders and sockets outside this node's own state
+disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.nri.v1.nri"]
 state = "$NODE_RUN/containerd"
 [grpc]
   address = "$NODE_RUN/containerd.sock"
@@ -216,6 +221,7 @@ state = "$NODE_RUN/containerd"
 [plugins."io.containerd.cri.v1.runtime"]
   enable_selinux = false
   restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
