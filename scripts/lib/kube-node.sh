@@ -264,6 +264,7 @@ serializeImagePulls: false
 podPidsLimit: -1
 nodeStatusUpdateFrequency: 2s
 resolvConf: /etc/resolv.conf
+podLogsDir: $KUBELET_ROOT/pod-logs
 YAML
 }
 
@@ -351,6 +352,12 @@ stop_node() {
     rmdir /var/lib/binder-testenv /var/lib/cni/results /var/lib/cni 2>/dev/null || true
     rm -rf /var/lib/kubelet/device-plugins 2>/dev/null || true
     rmdir /var/lib/kubelet 2>/dev/null || true
+    # the links the kubelet makes to its pods' logs, and the cgroups it made for them
+    find /var/log/containers -maxdepth 1 -lname "$KUBELET_ROOT/*" -delete 2>/dev/null || true
+    rmdir /var/log/containers 2>/dev/null || true
+    for m in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
+        [ -d "$m" ] && find "$m" -depth -type d -exec rmdir {} + 2>/dev/null || true
+    done
     if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
     while iptables -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null; do :; done
 }

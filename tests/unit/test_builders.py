@@ -176,11 +176,13 @@ def test_log_tail_and_event_messages() -> None:
     assert event_message(other) is None
 
 
-def _preload_pod(state: client.V1ContainerState, image_id: str) -> client.V1Pod:
+def _preload_pod(state: client.V1ContainerState, image_id: str, uid: str = "ds1") -> client.V1Pod:
     status = client.V1ContainerStatus(
         name="pull", image="img:1", image_id=image_id, ready=False, restart_count=0, state=state
     )
+    owner = client.V1OwnerReference(api_version="apps/v1", kind="DaemonSet", name="d", uid=uid)
     return client.V1Pod(
+        metadata=client.V1ObjectMeta(owner_references=[owner]),
         spec=client.V1PodSpec(node_name="n1", containers=[]),
         status=client.V1PodStatus(container_statuses=[status]),
     )
@@ -190,7 +192,9 @@ def test_preload_completes_when_every_node_has_the_image() -> None:
     manifest = make_preload(TEMPLATE, namespace="ns", suite="s1")
     (container,) = manifest["spec"]["template"]["spec"]["containers"]
     assert (container["image"], container["imagePullPolicy"]) == ("img:1", "IfNotPresent")
-    two = SimpleNamespace(status=SimpleNamespace(desired_number_scheduled=2))
+    two = SimpleNamespace(
+        metadata=SimpleNamespace(uid="ds1"), status=SimpleNamespace(desired_number_scheduled=2)
+    )
     running = client.V1ContainerState(running=client.V1ContainerStateRunning())
     pulling = client.V1ContainerState(
         waiting=client.V1ContainerStateWaiting(reason="ContainerCreating")
@@ -206,6 +210,8 @@ def test_preload_completes_when_every_node_has_the_image() -> None:
     assert preload_state(
         two, [_preload_pod(running, "sha256:1"), _preload_pod(running, "sha256:1")]
     ) == ("completed", None)
+    earlier = _preload_pod(running, "sha256:1", uid="ds0")
+    assert preload_state(two, [earlier, earlier]) == ("loading", None)
     state, failure = preload_state(two, [_preload_pod(failed, "")])
     assert state == "loading"
     assert failure == "image pull failed for img:1 on node n1: not found"

@@ -194,8 +194,12 @@ def preload_state(daemon_set: Any, pods: list[Any]) -> tuple[str, str | None]:
     node the DaemonSet runs on (its pod's container got an image ID, whatever it did next)."""
     status = daemon_set.status
     desired = (status.desired_number_scheduled or 0) if status else 0
+    uid = daemon_set.metadata.uid
     pulled = 0
     for pod in pods:
+        owners = pod.metadata.owner_references or []
+        if pod.metadata.deletion_timestamp or not any(o.uid == uid for o in owners):
+            continue  # a pod of an earlier preload, on its way out
         for cs in (pod.status.container_statuses or []) if pod.status else []:
             waiting = cs.state.waiting if cs.state else None
             if waiting and waiting.reason in PULL_FAILURES:
