@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -39,6 +39,7 @@ from services.deploy_kubernetes.store import Store
 
 CACHE_SIZE = 20_000
 PROXY_CHECK_SECONDS = 10.0
+PROGRESS_KEPT = 20
 
 
 class Deployer:
@@ -66,6 +67,7 @@ class Deployer:
         self._cache: OrderedDict[str, Deployment] = OrderedDict()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watchers: dict[str, set[asyncio.Queue[Deployment | str]]] = {}
+        self._progress: dict[str, deque[str]] = {}
         self._capacity_lock = asyncio.Lock()
         self.pool_wakeup = asyncio.Event()
         metrics.registry.register(BackendCalls(lambda: dict(backend.api_calls)))
@@ -77,11 +79,18 @@ class Deployer:
         self._cache.move_to_end(dep.id)
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
+        if dep.status is not Status.DEPLOYING:
+            self._progress.pop(dep.id, None)
         for queue in self._watchers.get(dep.id, ()):
             queue.put_nowait(dep)
 
     def progress(self, dep_id: str, message: str) -> None:
-        """Tell ``dep_id``'s watchers a backend's progress message (not a status change)."""
+        """Tell ``dep_id``'s watchers a backend's progress message (not a status change); the
+        last few are kept while it deploys, for watchers who come later."""
+        dep = self._cache.get(dep_id)
+        if dep is None or dep.status is not Status.DEPLOYING:
+            return
+        self._progress.setdefault(dep_id, deque(maxlen=PROGRESS_KEPT)).append(message)
         for queue in self._watchers.get(dep_id, ()):
             queue.put_nowait(message)
 
@@ -105,6 +114,8 @@ class Deployer:
         try:
             dep = self._cache.get(dep_id, dep)
             yield dep
+            for message in list(self._progress.get(dep_id, ())):
+                yield message
             while not dep.status.final:
                 item = await queue.get()
                 if isinstance(item, Deployment):

@@ -146,8 +146,10 @@ def openapi_document() -> dict[str, Any]:
                         "record (as GET answers it), the first one being its status now. While it "
                         "deploys, a backend that sees its object's progress (on kubernetes the "
                         "Pod's events: Scheduled, Pulling, Pulled, Created, Started, readiness) "
-                        'also sends `event: progress` with data `{"message": "<reason>: <text>"}`. '
-                        "The stream ends after a final status; comments keep it alive."
+                        'also sends `event: progress` with data `{"message": "<reason>: <text>"}` '
+                        "(a watcher arriving mid-launch gets the last few first). The stream "
+                        "ends after a final status (failed, deleted), so it goes on while the app "
+                        "runs; comments keep it alive."
                     ),
                     "parameters": [TPL, DEP],
                     "responses": {

@@ -198,7 +198,7 @@ def test_preload_of_a_missing_image_fails(kube_deploy: DeployServer) -> None:
         what="the preload to fail",
     )
     assert answer.json()["type"] == "launchFailed"
-    assert "binder-test/never-pushed:1" in answer.json()["message"]
+    assert "binder-test/never-pushed:1" in answer.json()["error"]
 
 
 def test_events_stream_shows_the_pods_progress(kube_deploy: DeployServer) -> None:
@@ -218,6 +218,8 @@ def test_events_stream_shows_the_pods_progress(kube_deploy: DeployServer) -> Non
                     progress.append(data["message"])
                 else:
                     statuses.append(data["status"])
+                    if data["status"] != "deploying":  # the stream goes on while the app lives
+                        break
     assert statuses[-1] == "deployed", (statuses, progress)
     reasons = [m.split(":", 1)[0] for m in progress]
     for step in ("Scheduled", "Pulling", "Pulled", "Started", "Ready"):
