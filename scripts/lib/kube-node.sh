@@ -327,7 +327,7 @@ kill_containers() {  # every container of the node, then the shims that ran them
     fi
     local pid
     for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-        if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null \
+        if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null \
             | grep -q -- "^$NODE_BIN/containerd-shim-runc-v2 .*$NODE_RUN/containerd.sock"; then
             kill -9 "$pid" 2>/dev/null || true
         fi
@@ -348,7 +348,9 @@ stop_node() {
     done
     rm -f /run/netns/cni-* 2>/dev/null || true
     rmdir /run/netns 2>/dev/null || true
-    rm -rf "$NODE_RUN" "$KUBELET_ROOT" "$CTRD_ROOT" /var/lib/cni/results/binder-testenv-* 2>/dev/null || true
+    # libcni's cache of this node's networks: the pods' bridge and the runtime's loopback
+    rm -rf "$NODE_RUN" "$KUBELET_ROOT" "$CTRD_ROOT" /var/lib/cni/results/binder-testenv-* \
+        /var/lib/cni/results/cni-loopback-* 2>/dev/null || true
     rmdir /var/lib/binder-testenv /var/lib/cni/results /var/lib/cni 2>/dev/null || true
     rm -rf /var/lib/kubelet/device-plugins 2>/dev/null || true
     rmdir /var/lib/kubelet 2>/dev/null || true

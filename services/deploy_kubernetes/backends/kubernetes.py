@@ -204,8 +204,9 @@ class KubernetesBackend:
         if pod.ready and (before is None or not before.ready) and self._notify is not None:
             self._spawn(self._notify(Observed(pod.id, State.STARTING, event="Ready: pod is ready")))
         was_running = before is not None and before.failure is None
-        if pod.gone and pod.id in self._deleting:  # our own deletion: nobody to tell
-            self._deleting.discard(pod.id)
+        if pod.id in self._deleting:  # our own deletion (its container ends too): nobody to tell
+            if pod.gone:
+                self._deleting.discard(pod.id)
             return
         if pod.failure and (was_running or pod.gone):
             self._spawn(self._tell_exit(pod))
