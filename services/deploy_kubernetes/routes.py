@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -118,8 +119,10 @@ async def events(request: Request) -> Response:
                 pending = None
                 yield _sse(item)
         finally:
-            if pending is not None:
+            if pending is not None:  # the client left: end the pending step before closing
                 pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
             await updates.aclose()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
