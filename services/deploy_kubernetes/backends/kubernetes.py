@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -103,10 +103,27 @@ class KubernetesBackend:
         api_client = client.ApiClient(self._client_config)
         self._api = client.CoreV1Api(api_client)
         self._apps = client.AppsV1Api(api_client)
-        for target, name in ((self._watch_pods, "pod-watch"), (self._watch_events, "event-watch")):
+        for name, target in self._watches().items():
             threading.Thread(
                 target=self._watch_forever, args=(target, name), name=name, daemon=True
             ).start()
+
+    def _watches(self) -> dict[str, Callable[[Any], None]]:
+        return {"pod watch": self._watch_pods, "event watch": self._watch_events}
+
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The watches as loops, for a server that supervises its backend's loops itself (then
+        ``open`` must not start them as threads)."""
+
+        def loop(once: Callable[[Any], None], name: str) -> Callable[[], Awaitable[None]]:
+            async def run() -> None:
+                await anyio.to_thread.run_sync(
+                    self._watch_forever, once, name, abandon_on_cancel=True
+                )
+
+            return run
+
+        return {name: loop(once, name) for name, once in self._watches().items()}
 
     async def close(self) -> None:
         self._closing.set()
