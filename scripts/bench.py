@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import Database, DeployServer, LoggingServer, Proxy, free_port, wait_for
+from harness import Database, DeployServer, LoggingServer, Proxy, free_port
 
 
 def pct(values: list[float], q: float) -> float:
@@ -91,15 +91,13 @@ DOCKER_TEMPLATE = {
         "&& exec httpd -f -p {port} -h /www",
     ],
 }
-KUBE_TEMPLATE = {
-    "image-source": "binder/example:1",
-    "port": 8888,
-    "command": ["python3", "-m", "http.server", "{port}"],
-    "limits": {"memory": "128Mi", "cpu": "100m"},
-}
 
 
 def bench_launch(runs: int, backend: str, bursts: int = 3) -> None:
+    if backend == "kubernetes":
+        from bench_kube import bench_launch_kubernetes
+
+        return bench_launch_kubernetes(runs)
     if backend != "local":
         return bench_launch_container(runs, backend)
     import bench_launch as local
@@ -110,31 +108,8 @@ def bench_launch(runs: int, backend: str, bursts: int = 3) -> None:
 
 def bench_launch_container(runs: int, backend: str) -> None:
     root = Path(__file__).resolve().parent
-    extra = ""
-    if backend == "docker":
-        subprocess.run([str(root / "docker-engine"), "start"], check=True)
-        template = DOCKER_TEMPLATE
-    else:
-        out = subprocess.run(
-            [str(root / "kube-testenv"), "start"], check=True, text=True, stdout=subprocess.PIPE
-        ).stdout
-        kubeconfig = out.strip().splitlines()[-1].removeprefix("KUBECONFIG=")
-        from kubernetes import client as kclient
-        from kubernetes import config as kconfig
-
-        namespace = f"binder-bench-{os.getpid()}"
-        api = kclient.CoreV1Api(kconfig.new_client_from_config(config_file=kubeconfig))
-        api.create_namespace({"metadata": {"name": namespace}})
-        from kubernetes.client.exceptions import ApiException
-
-        wait_for(
-            lambda: api.read_namespaced_service_account("default", namespace),
-            timeout=60,
-            ignore=(ApiException,),
-            what="the namespace's default service account",
-        )
-        extra = f'[deploy.kubernetes]\nkubeconfig = "{kubeconfig}"\nnamespace = "{namespace}"\n'
-        template = KUBE_TEMPLATE
+    subprocess.run([str(root / "docker-engine"), "start"], check=True)
+    template, extra = DOCKER_TEMPLATE, ""
     print(f"launch latency, POST -> deployed, {runs} launches on the {backend} backend")
     with (
         suite(cull_interval_seconds=3600, backend=backend, extra=extra) as server,
@@ -145,8 +120,6 @@ def bench_launch_container(runs: int, backend: str) -> None:
         before = _api_calls(c)
         latencies = [_launch_once(c, server, "bench") for _ in range(runs)]
         after = _api_calls(c)
-    if backend == "kubernetes":
-        api.delete_namespace(namespace)
     delta = {verb: (after.get(verb, 0) - before.get(verb, 0)) / runs for verb in after}
     writes = sum(
         v
@@ -161,7 +134,6 @@ def bench_launch_container(runs: int, backend: str) -> None:
         "list_calls_per_launch": delta.get("list", 0) + delta.get("watch", 0),
     }
     targets = {
-        "p50_ms": "(target < 1500)" if backend == "kubernetes" else "",
         "api_writes_per_launch": "(target <= 6; create + delete)",
     }
     report(f"launch-{backend}", figures, targets)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--base-url", default="/")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default=os.environ.get("EXAMPLE_HOST", "127.0.0.1"))
     parser.add_argument(
         "--delay",
         type=float,

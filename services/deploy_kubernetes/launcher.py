@@ -150,14 +150,16 @@ class Launcher:
             self._metrics.launch_latency.labels(pooled="false").observe(elapsed)
 
     async def _await_route(self, dep: Deployment, deadline: float) -> None:
-        """The route works once the proxy serves it (answers it with anything but its 404).
+        """The route works once the app answers through the proxy (below 500, and not the
+        proxy's own 404 for a route it does not know yet).
 
         The app itself was found ready by the backend: by its own answer (local, docker) or by
-        its Pod's readiness probe."""
+        its Pod's readiness probe; this checks that the proxy reaches it too (a pod network
+        the proxy's host cannot reach shows here, as the proxy's 503)."""
         interval = 0.01
         while True:
             code = await self._proxy.public_get(dep.route + "/")
-            if code and code != 404:
+            if code and code != 404 and code < 500:
                 return
             if time.monotonic() > deadline:
                 raise LaunchError(f"the proxy does not serve {dep.route} (last answer {code})")

@@ -146,6 +146,16 @@ def openapi_document() -> dict[str, Any]:
             "/applications/{template}/{id}/events": {
                 "get": {
                     "summary": "Server-sent events of each status change until a final one",
+                    "description": (
+                        "Each status change is an `event: status` whose data is the deployment "
+                        "record (as GET answers it), the first one being its status now. While it "
+                        "deploys, a backend that sees its object's progress (on kubernetes the "
+                        "Pod's events: Scheduled, Pulling, Pulled, Created, Started, readiness) "
+                        'also sends `event: progress` with data `{"message": "<reason>: <text>"}` '
+                        "(a watcher arriving mid-launch gets the last few first). The stream "
+                        "ends after a final status (failed, deleted), so it goes on while the app "
+                        "runs; comments keep it alive."
+                    ),
                     "parameters": [TPL, DEP],
                     "responses": {
                         "200": {

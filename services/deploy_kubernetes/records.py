@@ -11,7 +11,7 @@ are not serialised and the limits stay exact.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +24,8 @@ from services.deploy_kubernetes.models import Deployment, Status
 from services.deploy_kubernetes.store import ACTIVE, Change, Store
 
 CACHE_SIZE = 20_000
+PROGRESS_KEPT = 20
+"""Progress messages kept per launch under way, for a watcher who comes in the middle."""
 RETRY_AFTER = {"Retry-After": "30"}
 
 
@@ -56,6 +58,7 @@ class Records:
         self._active: dict[str, str] = {}
         """Active (deploying or deployed, pooled too) deployment ids and their templates."""
         self._watchers: dict[str, set[asyncio.Queue[Update]]] = {}
+        self._progress: dict[str, deque[Progress]] = {}
 
     async def open(self) -> list[Deployment]:
         """Connect, and count what is active; returns the active records (for reconcile)."""
@@ -79,6 +82,8 @@ class Records:
         self._view.move_to_end(dep.id)
         while len(self._view) > CACHE_SIZE:
             self._view.popitem(last=False)
+        if dep.status is not Status.DEPLOYING:
+            self._progress.pop(dep.id, None)
         if dep.status.final:
             self._active.pop(dep.id, None)
             if self._on_end is not None:
@@ -183,9 +188,15 @@ class Records:
     # --- watchers -----------------------------------------------------------------------------
 
     def progress(self, dep_id: str, message: str) -> None:
-        """Tell the id's watchers what the backend reports of its launch."""
+        """Tell the id's watchers what the backend reports of its launch (while it deploys); the
+        last few are kept for watchers who come later."""
+        dep = self._view.get(dep_id)
+        if dep is None or dep.status is not Status.DEPLOYING:
+            return
+        update = Progress(dep_id, message)
+        self._progress.setdefault(dep_id, deque(maxlen=PROGRESS_KEPT)).append(update)
         for queue in self._watchers.get(dep_id, ()):
-            queue.put_nowait(Progress(dep_id, message))
+            queue.put_nowait(update)
 
     async def watch(
         self, dep_id: str, *, idle_seconds: float | None = None
@@ -201,6 +212,8 @@ class Records:
         try:
             update: Update = self._view.get(dep_id, dep)
             yield update
+            for told in list(self._progress.get(dep_id, ())):
+                yield told
             while not (isinstance(update, Deployment) and update.status.final):
                 try:
                     update = await asyncio.wait_for(queue.get(), idle_seconds)

@@ -171,6 +171,19 @@ def test_events_stream_each_phase_until_final(deploy: DeployServer) -> None:
     assert "deployed" in statuses
 
 
+def test_a_client_leaving_the_events_stream_is_no_error(deploy: DeployServer) -> None:
+    dep_id = deploy.launch()
+    url = f"{deploy.url}/applications/example/{dep_id}/events"
+    with httpx.stream("GET", url, timeout=30) as r:
+        for line in r.iter_lines():
+            if '"status": "deployed"' in line:
+                break  # and leave while the stream goes on
+    # the server notices the client left, then ends its stream without an error
+    httpx.delete(f"{deploy.url}/applications/example/{dep_id}", headers=deploy.auth)
+    deploy.wait_status(dep_id, "deleted")
+    assert '"level": "error"' not in (deploy.workdir / "deploy.log").read_text()
+
+
 def test_failed_command_reports_exit_code(deploy: DeployServer) -> None:
     template = {"command": ["/bin/sh", "-c", "echo broken >&2; exit 3"]}
     put = httpx.put(f"{deploy.url}/templates/broken", json=template, headers=deploy.auth)

@@ -91,6 +91,21 @@ def test_launch_runs_a_limited_labelled_container_served_through_the_proxy(
     assert f"/user/{dep_id}" not in proxy.routes()
 
 
+def test_shipped_example_template_answers_through_the_proxy(
+    docker_deploy: DeployServer, proxy: Proxy, engine: Any, label: str
+) -> None:
+    # its image-source is built by scripts/app-images (run by scripts/docker-engine start)
+    dep_id = docker_deploy.launch("example")
+    info = docker_deploy.wait_status(dep_id, "deployed", "failed")
+    assert info["status"] == "deployed", info
+    page = proxy.get(f"/user/{dep_id}/")
+    assert page.status_code == 200
+    assert "Hello from Binder" in page.text
+    assert dep_id in page.text
+    (container,) = _containers(engine, label)
+    assert container.attrs["Config"]["Image"] == "binder-example:latest"
+
+
 def test_container_removed_behind_the_servers_back_makes_its_record_final(
     docker_deploy: DeployServer, engine: Any, label: str
 ) -> None:

@@ -50,7 +50,11 @@ class LaunchSpec:
 
 @dataclass(frozen=True)
 class Observed:
-    """A backend object as last seen. ``target`` is where the proxy should send the app's traffic."""
+    """A backend object as last seen. ``target`` is where the proxy should send the app's traffic.
+
+    ``event`` is a progress message (an image being pulled, a container started) told through
+    ``Notify`` while the object is starting; such an Observed reports nothing else.
+    """
 
     id: str
     state: State
@@ -63,7 +67,8 @@ class Observed:
 
 
 Notify = Callable[[Observed], Coroutine[Any, Any, None]]
-"""Called by a backend when one of its objects changes state on its own (an app exited)."""
+"""Called by a backend when one of its objects changes state on its own (an app exited), or with
+a progress message (``Observed.event``) while it starts."""
 
 
 class Backend(Protocol):
@@ -74,7 +79,8 @@ class Backend(Protocol):
     """Calls made to the backend's API by verb (empty where there is no API), for /metrics."""
 
     async def open(self, notify: Notify) -> None:
-        """Connect; ``notify`` is called whenever an object exits or vanishes on its own."""
+        """Connect; ``notify`` is called whenever an object exits or vanishes on its own (and, on
+        backends that see them, with progress messages of starting objects)."""
 
     async def close(self) -> None:
         """Disconnect, leaving the running apps alone (they survive a server restart)."""

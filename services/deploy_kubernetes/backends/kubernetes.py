@@ -1,9 +1,11 @@
 """The ``kubernetes`` backend: one Pod per deployment, its state taken from a watch.
 
-The official client is synchronous: calls run in worker threads, and one thread keeps a watch on
-the suite's pods (re-listing after the API server restarts or the watch expires). Launch costs one
-API write (the Pod), stop one (its deletion); nothing polls. The only module that imports
-``kubernetes``.
+The official client is synchronous: calls run in worker threads, one thread keeps a watch on the
+suite's pods and one on the namespace's events (each listing again after the API server restarts
+or the watch expires). Launch costs one API write (the Pod), stop one (its deletion); nothing
+polls. The Pods' events (Scheduled, Pulling, Pulled, Started, probe failures) become progress
+messages. The only module that imports ``kubernetes`` (the manifests and what is read from the
+objects live in ``kube_objects``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -23,114 +24,24 @@ from kubernetes.client.exceptions import ApiException
 from loguru import logger
 
 from services.deploy_kubernetes.backends.base import LaunchSpec, Notify, Observed, State
+from services.deploy_kubernetes.backends.kube_objects import (
+    SUITE_LABEL,
+    PodView,
+    event_message,
+    make_pod,
+    make_preload,
+    pod_name,
+    preload_labels,
+    preload_name,
+    preload_state,
+    view,
+    with_log,
+)
 from services.deploy_kubernetes.errors import BadBackendError, LaunchError
 from services.deploy_kubernetes.models import Template
 
 T = TypeVar("T")
-SUITE_LABEL = "binder.suite"
 WATCH_SECONDS = 240
-
-
-def pod_name(dep_id: str) -> str:
-    return f"binder-{dep_id}"
-
-
-def make_pod(spec: LaunchSpec, *, namespace: str, suite: str) -> dict[str, Any]:
-    """The Pod manifest of a launch (pure, so it is tested as a dict)."""
-    template = spec.template
-    port = template.port
-    command = [spec.substitute(w, port=port, python="python3") for w in template.command]
-    env = {**template.env, "PORT": str(port), "BASE_URL": spec.base_url, "BINDER_ID": spec.id}
-    container: dict[str, Any] = {
-        "name": "app",
-        "image": template.image_source or template.image_name,
-        "command": command,
-        "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
-        "ports": [{"name": "http", "containerPort": port}],
-        "readinessProbe": {
-            "httpGet": {"path": spec.base_url, "port": port},
-            "periodSeconds": 2,
-            "failureThreshold": 60,
-        },
-    }
-    if template.limits:
-        container["resources"] = {
-            "limits": dict(template.limits),
-            "requests": dict(template.limits),
-        }
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": pod_name(spec.id),
-            "namespace": namespace,
-            "labels": {SUITE_LABEL: suite, "binder.id": spec.id, "binder.template": template.name},
-        },
-        "spec": {
-            "automountServiceAccountToken": False,
-            "enableServiceLinks": False,
-            "restartPolicy": "Never",
-            "containers": [container],
-        },
-    }
-
-
-@dataclass(frozen=True)
-class PodView:
-    """What the backend needs of a Pod, taken from the watch."""
-
-    id: str
-    template: str | None
-    ready: bool
-    ip: str | None
-    failure: str | None
-    gone: bool = False
-
-
-def view(pod: Any, *, gone: bool = False) -> PodView:
-    """A PodView from a V1Pod: readiness, IP, and why it can never become ready, if so."""
-    labels = pod.metadata.labels or {}
-    status = pod.status
-    conditions = {c.type: c for c in (status.conditions or [])} if status else {}
-    ready = bool(conditions.get("Ready") and conditions["Ready"].status == "True")
-    failure = None
-    scheduled = conditions.get("PodScheduled")
-    if (
-        scheduled is not None
-        and scheduled.status == "False"
-        and scheduled.reason == "Unschedulable"
-    ):
-        failure = f"unschedulable: {scheduled.message}"
-    for cs in (status.container_statuses or []) if status else []:
-        waiting = cs.state.waiting if cs.state else None
-        terminated = cs.state.terminated if cs.state else None
-        if waiting and waiting.reason in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
-            failure = f"image pull failed: {waiting.message or waiting.reason}"
-        elif waiting and waiting.reason in (
-            "CrashLoopBackOff",
-            "CreateContainerConfigError",
-            "CreateContainerError",
-            "RunContainerError",
-        ):
-            failure = f"{waiting.reason}: {waiting.message or ''}".strip(": ")
-        elif terminated is not None:
-            failure = f"container exited with code {terminated.exit_code}"
-            if terminated.reason and terminated.reason not in ("Error", "Completed"):
-                failure += f" ({terminated.reason})"
-    if status and status.phase in ("Failed", "Succeeded") and failure is None:
-        failure = (
-            f"pod {status.phase.lower()}: {status.reason or status.message or 'no reason given'}"
-        )
-    if gone:
-        failure = failure or "pod was deleted"
-    return PodView(
-        labels.get("binder.id", ""),
-        labels.get("binder.template"),
-        ready,
-        status.pod_ip if status else None,
-        failure,
-        gone,
-    )
 
 
 class KubernetesBackend:
@@ -153,8 +64,9 @@ class KubernetesBackend:
         self._api: Any = None
         self._apps: Any = None
         self._client_config: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.api_calls: dict[str, int] = {}
-        """Calls made to the API server by verb (the watch's re-lists included)."""
+        """Calls made to the API server by verb (the watches' re-lists included)."""
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -192,11 +104,21 @@ class KubernetesBackend:
         self._api = client.CoreV1Api(api_client)
         self._apps = client.AppsV1Api(api_client)
 
-    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
-        async def watch() -> None:
-            await anyio.to_thread.run_sync(self._watch_forever, abandon_on_cancel=True)
+    def _watches(self) -> dict[str, Callable[[Any], None]]:
+        return {"pod watch": self._watch_pods, "event watch": self._watch_events}
 
-        return {"pod watch": watch}
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The pod watch and the event watch, each a thread's work run as a supervised loop."""
+
+        def loop(once: Callable[[Any], None], name: str) -> Callable[[], Awaitable[None]]:
+            async def run() -> None:
+                await anyio.to_thread.run_sync(
+                    self._watch_forever, once, name, abandon_on_cancel=True
+                )
+
+            return run
+
+        return {name: loop(once, name) for name, once in self._watches().items()}
 
     async def close(self) -> None:
         self._closing.set()
@@ -207,58 +129,83 @@ class KubernetesBackend:
         except ApiException as exc:  # a 4xx left by _call: the suite cannot use the API
             raise BadBackendError(f"Kubernetes API answered {exc.status}: {exc.reason}") from exc
 
-    # --- the watch ----------------------------------------------------------------------------
+    # --- the watches --------------------------------------------------------------------------
 
-    def _watch_forever(self) -> None:
+    def _watch_forever(self, once: Callable[[Any], None], name: str) -> None:
+        """Run ``once`` (a list, then a watch from there) again until closed, backing off while
+        the API server is away."""
         api = client.CoreV1Api(client.ApiClient(self._client_config))
         delay = 0.2
         while not self._closing.is_set():
             try:
                 self.api_calls["watch"] = self.api_calls.get("watch", 0) + 1
-                listed = api.list_namespaced_pod(self.namespace, label_selector=self._selector)
-                seen = {view(p).id: view(p) for p in listed.items}
-                for dep_id in set(self._pods) - set(seen):  # deleted while we were not watching
-                    self._deliver(
-                        PodView(
-                            dep_id,
-                            self._pods[dep_id].template,
-                            False,
-                            None,
-                            "pod was deleted",
-                            gone=True,
-                        )
-                    )
-                for pod in seen.values():
-                    self._deliver(pod)
-                self._synced.set()
-                stream = watch.Watch().stream(
-                    api.list_namespaced_pod,
-                    self.namespace,
-                    label_selector=self._selector,
-                    resource_version=listed.metadata.resource_version if listed.metadata else None,
-                    timeout_seconds=WATCH_SECONDS,
-                    allow_watch_bookmarks=True,
-                )
-                for event in stream:
-                    if self._closing.is_set():
-                        return
-                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                        self._deliver(view(event["object"], gone=event["type"] == "DELETED"))
+                once(api)
                 delay = 0.2
             except ApiException as exc:
                 if exc.status != 410:  # 410: the watch expired; list again at once
-                    logger.warning("pod watch: API answered {}; watching again", exc.status)
+                    logger.warning("{}: API answered {}; watching again", name, exc.status)
                     self._closing.wait(delay)
                     delay = min(delay * 2, 5.0)
             except Exception as exc:  # the API server went away: list and watch again
-                logger.warning("pod watch interrupted ({}); watching again", exc.__class__.__name__)
+                logger.warning("{} interrupted ({}); watching again", name, exc.__class__.__name__)
                 self._closing.wait(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _watch_pods(self, api: Any) -> None:
+        listed = api.list_namespaced_pod(self.namespace, label_selector=self._selector)
+        seen = {view(p).id: view(p) for p in listed.items}
+        for dep_id in set(self._pods) - set(seen):  # deleted while we were not watching
+            template = self._pods[dep_id].template
+            self._deliver(PodView(dep_id, template, False, None, "pod was deleted", gone=True))
+        for pod in seen.values():
+            self._deliver(pod)
+        self._synced.set()
+        stream = watch.Watch().stream(
+            api.list_namespaced_pod,
+            self.namespace,
+            label_selector=self._selector,
+            resource_version=listed.metadata.resource_version if listed.metadata else None,
+            timeout_seconds=WATCH_SECONDS,
+            allow_watch_bookmarks=True,
+        )
+        for event in stream:
+            if self._closing.is_set():
+                return
+            if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                self._deliver(view(event["object"], gone=event["type"] == "DELETED"))
+
+    def _watch_events(self, api: Any) -> None:
+        """The namespace's Pod events from now on, told as progress of the suite's pods."""
+        listed = api.list_namespaced_event(self.namespace, limit=1)
+        stream = watch.Watch().stream(
+            api.list_namespaced_event,
+            self.namespace,
+            field_selector="involvedObject.kind=Pod",
+            resource_version=listed.metadata.resource_version if listed.metadata else None,
+            timeout_seconds=WATCH_SECONDS,
+        )
+        for event in stream:
+            if self._closing.is_set():
+                return
+            found = event_message(event["object"]) if event["type"] == "ADDED" else None
+            if found is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._progress, *found)
+
+    def _progress(self, name: str, message: str) -> None:
+        dep_id = name.removeprefix("binder-")
+        if dep_id != name and not dep_id.startswith("preload-") and self._notify is not None:
+            obs = Observed(dep_id, State.STARTING, event=message)
+            self._spawn(self._notify(obs))
 
     def _deliver(self, pod: PodView) -> None:
         if not pod.id or self._loop is None:
             return
         self._loop.call_soon_threadsafe(self._apply, pod)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _apply(self, pod: PodView) -> None:
         before = self._pods.get(pod.id)
@@ -269,15 +216,40 @@ class KubernetesBackend:
         event = self._changed.get(pod.id)
         if event is not None:
             event.set()
+        if pod.ready and (before is None or not before.ready) and self._notify is not None:
+            self._spawn(self._notify(Observed(pod.id, State.STARTING, event="Ready: pod is ready")))
         was_running = before is not None and before.failure is None
-        if pod.gone and pod.id in self._deleting:  # our own deletion: nobody to tell
-            self._deleting.discard(pod.id)
+        if pod.id in self._deleting:  # our own deletion (its container ends too): nobody to tell
+            if pod.gone:
+                self._deleting.discard(pod.id)
             return
-        if self._notify is not None and pod.failure and (was_running or pod.gone):
-            obs = Observed(
-                pod.id, State.EXITED, None, {"pod": pod_name(pod.id)}, pod.failure, pod.template
+        if pod.failure and (was_running or pod.gone):
+            self._spawn(self._tell_exit(pod))
+
+    async def _tell_exit(self, pod: PodView) -> None:
+        if self._notify is None:
+            return
+        reason = await self._failure(pod)
+        ref = {"pod": pod_name(pod.id)}
+        await self._notify(Observed(pod.id, State.EXITED, None, ref, reason, pod.template))
+
+    async def _failure(self, pod: PodView) -> str:
+        """The pod's failure, with the end of its container's log once it ran and ended."""
+        reason = pod.failure or "the pod failed"
+        if not pod.exited or pod.gone:
+            return reason
+        try:
+            log = await self._call(
+                self._api.read_namespaced_pod_log,
+                pod_name(pod.id),
+                self.namespace,
+                container="app",
+                tail_lines=20,
             )
-            asyncio.get_running_loop().create_task(self._notify(obs))
+        except (ApiException, BadBackendError) as exc:
+            logger.bind(id=pod.id).warning("no log of the exited container: {}", exc)
+            return reason
+        return with_log(reason, str(log))
 
     # --- the port -----------------------------------------------------------------------------
 
@@ -301,7 +273,7 @@ class KubernetesBackend:
             while True:
                 pod = self._pods.get(spec.id)
                 if pod is not None and pod.failure:
-                    raise LaunchError(pod.failure)
+                    raise LaunchError(await self._failure(pod))
                 if pod is not None and pod.ready and pod.ip:
                     target = f"http://{pod.ip}:{spec.template.port}"
                     return Observed(
@@ -353,36 +325,11 @@ class KubernetesBackend:
             )
         return out
 
-    # --- preloading: a DaemonSet that runs the image on every node ------------------------------
-
-    def _preload_name(self, template: Template) -> str:
-        return f"binder-preload-{template.name.lower().replace('_', '-').replace('.', '-')}"[:63]
+    # --- preloading: a DaemonSet whose pods pull the image on every node ------------------------
 
     async def preload(self, template: Template) -> None:
-        name = self._preload_name(template)
-        labels = {SUITE_LABEL + "-preload": self._suite, "binder.template": template.name}
-        manifest = {
-            "apiVersion": "apps/v1",
-            "kind": "DaemonSet",
-            "metadata": {"name": name, "namespace": self.namespace, "labels": labels},
-            "spec": {
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "automountServiceAccountToken": False,
-                        "containers": [
-                            {
-                                "name": "pull",
-                                "image": template.image_source or template.image_name,
-                                "command": ["sleep", "3600"],
-                                "resources": {"requests": {"cpu": "1m", "memory": "8Mi"}},
-                            }
-                        ],
-                    },
-                },
-            },
-        }
+        name = preload_name(template)
+        manifest = make_preload(template, namespace=self.namespace, suite=self._suite)
         with contextlib.suppress(ApiException):
             await self._call(self._apps.delete_namespaced_daemon_set, name, self.namespace)
         for _ in range(50):
@@ -395,15 +342,21 @@ class KubernetesBackend:
                 await anyio.sleep(0.1)
 
     async def preload_status(self, template: Template) -> str:
+        """``completed`` once every node has the image; a failed pull raises ``LaunchError``."""
         try:
             ds = await self._call(
-                self._apps.read_namespaced_daemon_set, self._preload_name(template), self.namespace
+                self._apps.read_namespaced_daemon_set, preload_name(template), self.namespace
             )
         except ApiException as exc:
             if exc.status == 404:
                 return "completed"
             raise BadBackendError(f"Kubernetes API answered {exc.status}") from exc
-        st = ds.status
-        desired = st.desired_number_scheduled if st else 0
-        done = bool(st and desired and (st.number_ready or 0) >= desired)
-        return "completed" if done else "loading"
+        labels = preload_labels(template, suite=self._suite)
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        pods = await self._call(
+            self._api.list_namespaced_pod, self.namespace, label_selector=selector
+        )
+        state, failure = preload_state(ds, list(pods.items))
+        if failure is not None:
+            raise LaunchError(failure)
+        return state
