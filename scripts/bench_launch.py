@@ -32,7 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from harness import free_port  # noqa: E402
+from harness import EXAMPLE_COMMAND, free_port  # noqa: E402
 
 from control.supervisor_client import Supervisor  # noqa: E402
 
@@ -243,17 +243,7 @@ def slow_template() -> dict[str, object]:
     return {
         "image-source": "binder-example:latest",
         "port": 8888,
-        "command": [
-            "{python}",
-            "-m",
-            "services.example_app",
-            "--port",
-            "{port}",
-            "--base-url",
-            "{base_url}",
-            "--delay",
-            str(SLOW_SECONDS),
-        ],
+        "command": [*EXAMPLE_COMMAND, "--delay", str(SLOW_SECONDS)],
         "max-deployments": 100,
     }
 

@@ -11,20 +11,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from harness import DeployServer, wait_for
+from harness import CHROMIUM_ARGS, DeployServer, wait_for
 from pymongo import MongoClient
 
 from services.deploy_kubernetes.models import Deployment, Status, new_id
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 RECORDS = 2000
 SEEDED = re.compile(r"of 2,0\d\d$")
 """The console's page count once the seeded records (and the benchmark's own launches) show."""

@@ -30,6 +30,16 @@ EXAMPLE_COMMAND = (
     "{base_url}",
 )
 """The `example` template's command, for tests that register templates of their own."""
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+"""Debian's chromium, headless as root, with nothing that reaches out of this host."""
 
 
 def free_port() -> int:

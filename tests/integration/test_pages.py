@@ -15,20 +15,18 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import EXAMPLE_COMMAND, ROOT, Database, DeployServer, LoggingServer
+from harness import (
+    CHROMIUM_ARGS,
+    EXAMPLE_COMMAND,
+    ROOT,
+    Database,
+    DeployServer,
+    LoggingServer,
+)
 from playwright.sync_api import sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 AXE = ROOT / ".node" / "node_modules" / "axe-core" / "axe.min.js"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SLOW_COMMAND = ["/bin/sh", "-c", 'sleep 2; exec "$@"', "slow", *EXAMPLE_COMMAND]
 """The example app, started two seconds late: long enough to watch a launch in progress."""
 
