@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,10 @@ def kit(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Backend, T
     return request.param, backend, web, bad
 
 
+async def _awaited(step: Callable[[], Awaitable[None]]) -> None:
+    await step()
+
+
 def _run(backend: Backend, body: Callable[[list[Observed]], Any]) -> Any:
     events: list[Observed] = []
 
@@ -107,7 +111,13 @@ def _run(backend: Backend, body: Callable[[list[Observed]], Any]) -> Any:
 
         await backend.open(notify)
         try:
-            return await body(events)
+            async with anyio.create_task_group() as loops:
+                for loop in backend.loops().values():  # watches, run as the deploy server does
+                    loops.start_soon(_awaited, loop)
+                try:
+                    return await body(events)
+                finally:
+                    loops.cancel_scope.cancel()
         finally:
             for obs in await backend.list():
                 await backend.stop(obs.id, obs.ref)
