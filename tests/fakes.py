@@ -33,6 +33,8 @@ class FakeStore:
         self.deps: dict[str, Deployment] = {}
         self.templates: dict[str, Template] = {}
         self.down = False
+        self.retried_inserts = 0
+        """Inserts that land, then answer a duplicate key (a driver's retry of a lost answer)."""
 
     def _check(self) -> None:
         if self.down:
@@ -52,6 +54,9 @@ class FakeStore:
         if dep.id in self.deps:
             raise ConflictError("a record with that id exists already")
         self.deps[dep.id] = dep
+        if self.retried_inserts:  # the write landed, its answer was lost, the retry collides
+            self.retried_inserts -= 1
+            raise ConflictError("a record with that id exists already")
 
     async def get(self, dep_id: str) -> Deployment | None:
         self._check()
@@ -133,6 +138,8 @@ class FakeBackend:
         self.calls: list[tuple[str, str]] = []
         self.fail_with: str | None = None
         self.down = False
+        self.retried_inserts = 0
+        """Inserts that land, then answer a duplicate key (a driver's retry of a lost answer)."""
         self.notify: Notify | None = None
         self.api_calls: dict[str, int] = {}
         self.extra_loops: dict[str, Callable[[], Awaitable[None]]] = {}
@@ -194,6 +201,8 @@ class FakeProxy:
     def __init__(self) -> None:
         self.table: dict[str, tuple[str, datetime | None]] = {}
         self.down = False
+        self.retried_inserts = 0
+        """Inserts that land, then answer a duplicate key (a driver's retry of a lost answer)."""
         self.listings = 0
         """How often the whole routing table was listed."""
 

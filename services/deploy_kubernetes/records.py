@@ -18,7 +18,7 @@ from datetime import datetime
 
 from loguru import logger
 
-from services.deploy_kubernetes.errors import CapacityError, NoRecordError
+from services.deploy_kubernetes.errors import CapacityError, ConflictError, NoRecordError
 from services.deploy_kubernetes.metrics import Metrics
 from services.deploy_kubernetes.models import Deployment, Status
 from services.deploy_kubernetes.store import ACTIVE, Change, Store
@@ -139,13 +139,24 @@ class Records:
 
     async def create(self, dep: Deployment, *, template_limit: int | None = None) -> None:
         """Reserve capacity for ``dep`` (``CapacityError`` when full), then write it."""
+        if dep.id in self._active:
+            raise ConflictError("a record with that id exists already")
         self._reserve(dep, template_limit)
         try:
-            await self._store.insert(dep)
+            await self._insert(dep)
         except BaseException:
             self._active.pop(dep.id, None)
             raise
         self._remember(dep)
+
+    async def _insert(self, dep: Deployment) -> None:
+        """Insert ``dep``; a duplicate of its own fresh id is its own write that landed before a
+        retry (the driver retries writes), which is a success."""
+        try:
+            await self._store.insert(dep)
+        except ConflictError:
+            if await self._store.get(dep.id) != dep:
+                raise
 
     def has_room(self) -> bool:
         return len(self._active) < self.max_deployments
