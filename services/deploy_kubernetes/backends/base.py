@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -156,6 +158,36 @@ async def wait_listening(
         if now > deadline:
             raise LaunchError("timed out waiting for the app to listen")
         await anyio.sleep(min(high, max(low, (now - start) * LISTEN_POLL_FRACTION)))
+
+
+async def in_daemon_thread(func: Callable[..., None], *args: Any) -> None:
+    """Run ``func`` (a blocking loop: a watch, an event stream) in a daemon thread and wait for
+    it to end; what it raises is raised here, for the supervisor to log and restart.
+
+    A daemon thread, not a worker thread of the event loop's pool: a loop blocked in a socket
+    read must never hold up the process's exit."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            func(*args)
+        except BaseException as exc:  # handed to the awaiting task, which raises it
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name=getattr(func, "__name__", "loop"), daemon=True).start()
+    await done
 
 
 async def wait_http(

@@ -18,7 +18,14 @@ import docker
 import docker.errors
 from loguru import logger
 
-from services.deploy_kubernetes.backends.base import LaunchSpec, Notify, Observed, State, wait_http
+from services.deploy_kubernetes.backends.base import (
+    LaunchSpec,
+    Notify,
+    Observed,
+    State,
+    in_daemon_thread,
+    wait_http,
+)
 from services.deploy_kubernetes.errors import BadBackendError, LaunchError
 from services.deploy_kubernetes.models import Template, cpu_cores, memory_bytes
 
@@ -95,7 +102,7 @@ class DockerBackend:
     def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
         async def events() -> None:
             token = anyio.lowlevel.current_token()
-            await anyio.to_thread.run_sync(self._watch_events, token, abandon_on_cancel=True)
+            await in_daemon_thread(self._watch_events, token)
 
         return {"docker events": events}
 

@@ -23,7 +23,13 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from loguru import logger
 
-from services.deploy_kubernetes.backends.base import LaunchSpec, Notify, Observed, State
+from services.deploy_kubernetes.backends.base import (
+    LaunchSpec,
+    Notify,
+    Observed,
+    State,
+    in_daemon_thread,
+)
 from services.deploy_kubernetes.backends.kube_objects import (
     SUITE_LABEL,
     PodView,
@@ -112,9 +118,7 @@ class KubernetesBackend:
 
         def loop(once: Callable[[Any], None], name: str) -> Callable[[], Awaitable[None]]:
             async def run() -> None:
-                await anyio.to_thread.run_sync(
-                    self._watch_forever, once, name, abandon_on_cancel=True
-                )
+                await in_daemon_thread(self._watch_forever, once, name)
 
             return run
 
@@ -189,7 +193,8 @@ class KubernetesBackend:
                 return
             found = event_message(event["object"]) if event["type"] == "ADDED" else None
             if found is not None and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._progress, *found)
+                with contextlib.suppress(RuntimeError):  # the event loop has closed
+                    self._loop.call_soon_threadsafe(self._progress, *found)
 
     def _progress(self, name: str, message: str) -> None:
         dep_id = name.removeprefix("binder-")
@@ -198,9 +203,10 @@ class KubernetesBackend:
             self._spawn(self._notify(obs))
 
     def _deliver(self, pod: PodView) -> None:
-        if not pod.id or self._loop is None:
+        if not pod.id or self._loop is None or self._closing.is_set():
             return
-        self._loop.call_soon_threadsafe(self._apply, pod)
+        with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody listens
+            self._loop.call_soon_threadsafe(self._apply, pod)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
