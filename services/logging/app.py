@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from common.background import Background, repeat
+from common.background import Supervisor, repeat
 from common.errors import BinderError, MalformedRequestError, UnauthorizedError
 from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS, metrics_response, read_body
@@ -67,7 +67,7 @@ class Aggregator:
         )
         self.retention_interval = retention_interval
         self.healthy = "unknown"
-        self._background = Background()
+        self._background = Supervisor()
 
     async def publish(self, records: list[dict[str, Any]]) -> None:
         for filters, queue in list(self.subscribers):
@@ -88,9 +88,13 @@ class Aggregator:
                 logger.warning("waiting for the database: {}", exc.message)
                 await anyio.sleep(1.0)
         self.healthy = "ok"
-        self._background.spawn(self.tailer.run())
-        self._background.spawn(self._retention())
-        self._background.spawn(self._watch_health())
+        self._background.run("tailing", self.tailer.run)
+        self._background.run("retention", self._retention)
+        self._background.run("health", self._watch_health)
+
+    def health(self) -> dict[str, str]:
+        """The database's last word and each supervised loop's state."""
+        return {"database": self.healthy, **self._background.health()}
 
     async def _watch_health(self) -> None:
         while True:
@@ -209,10 +213,10 @@ async def stream(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    state = _agg(request).healthy
-    ok = state == "ok"
+    checks = _agg(request).health()
+    ok = all(v == "ok" for v in checks.values())
     return JSONResponse(
-        {"status": "ok" if ok else "unavailable", "database": state}, status_code=200 if ok else 503
+        {"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503
     )
 
 
