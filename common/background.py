@@ -115,10 +115,6 @@ class Supervisor:
                 await task
 
 
-Background = Supervisor
-"""One-shot tasks only (backends' reapers): the same tracker, under the name they know."""
-
-
 async def repeat(
     step: Callable[[], Awaitable[Any]], *, every: float, what: str, delay_first: bool = False
 ) -> None:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from harness import free_port, wait_for  # noqa: E402
 
 from common.processes import alive, session_leaders_with  # noqa: E402
+from services.deploy_kubernetes.backends.local import suite_label  # noqa: E402
 
 BIN = Path(sys.executable).parent / "binder-control"
 FAULTS = (
@@ -222,9 +223,7 @@ def invariants(suite: Suite, ledger: Ledger) -> dict[str, int]:
 
 
 def _suite_apps(state_dir: Path) -> dict[str, int]:
-    import hashlib
-
-    label = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+    label = suite_label(state_dir)
     return {
         env.get("BINDER_ID", ""): pid
         for pid, env in session_leaders_with("BINDER_SUITE", label).items()

@@ -70,33 +70,39 @@ class Launcher:
                 )
                 logger.bind(id=claimed.id, template=template.name).info("launched from the pool")
                 return claimed
-        dep = Deployment(
-            id=new_id(),
-            template=template.name,
-            status=Status.DEPLOYING,
-            created=now(),
-            cull_timeout_ms=cull,
-            client=client,
+        return await self._start(
+            template, cull_timeout_ms=cull, client=client, limit=template.max_deployments
         )
-        await self._records.create(dep, template_limit=template.max_deployments)
-        self.resume(dep, template)
-        return dep
 
     async def launch_pooled(self, template: Template) -> bool:
         """Start one instance into ``template``'s pool; False when the server is full."""
         if not self._records.has_room():
             return False
+        await self._start(template, cull_timeout_ms=self._default_cull, pooled=True)
+        return True
+
+    async def _start(
+        self,
+        template: Template,
+        *,
+        cull_timeout_ms: int,
+        client: str | None = None,
+        pooled: bool = False,
+        limit: int | None = None,
+    ) -> Deployment:
+        """Write a new ``deploying`` record (capacity reserved), then launch it in a task."""
         dep = Deployment(
             id=new_id(),
             template=template.name,
             status=Status.DEPLOYING,
             created=now(),
-            cull_timeout_ms=self._default_cull,
-            pooled=True,
+            cull_timeout_ms=cull_timeout_ms,
+            client=client,
+            pooled=pooled,
         )
-        await self._records.create(dep)
+        await self._records.create(dep, template_limit=limit)
         self.resume(dep, template)
-        return True
+        return dep
 
     def resume(self, dep: Deployment, template: Template, observed: Observed | None = None) -> None:
         """Run (or go on with) ``dep``'s launch in a task of its own."""

@@ -38,7 +38,7 @@ from typing import Any
 import anyio
 from loguru import logger
 
-from common.background import Background
+from common.background import Supervisor
 from common.errors import ConfigError
 from common.processes import session_leaders_with, start_time
 from common.settings import LocalSettings
@@ -121,6 +121,12 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def suite_label(state_dir: Path) -> str:
+    """The label (``BINDER_SUITE``) in the environment of every app of the suite whose local
+    backend keeps its state in ``state_dir``."""
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+
+
 def _exit_reason(code: int | None) -> str:
     if code is None:
         return "process ended (its exit code is unknown: an earlier deploy server started it)"
@@ -153,8 +159,8 @@ class LocalBackend:
         self._python = python
         self._record_delay = record_delay
         self._children: dict[str, asyncio.subprocess.Process] = {}
-        self._background = Background()
-        self.suite = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+        self._background = Supervisor()  # the reapers of our own children
+        self.suite = suite_label(state_dir)
         """The label in every app's environment (``BINDER_SUITE``) that finds it again."""
         self._notify: Notify | None = None
         self._stopping: set[str] = set()
