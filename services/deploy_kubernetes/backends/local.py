@@ -23,11 +23,11 @@ import hashlib
 import json
 import os
 import pwd
-import resource
 import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -40,7 +40,7 @@ from loguru import logger
 
 from common.background import Supervisor
 from common.errors import ConfigError
-from common.processes import session_leaders_with, start_time
+from common.processes import Detached, exited, session_leaders_with, start_time
 from common.settings import LocalSettings
 from services.deploy_kubernetes.backends.base import (
     LaunchSpec,
@@ -127,6 +127,14 @@ def suite_label(state_dir: Path) -> str:
     return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
 
 
+def _tool(name: str) -> str:
+    """The path of a util-linux tool the backend runs apps through."""
+    path = shutil.which(name)
+    if path is None:
+        raise LaunchError(f"{name} (util-linux) is not installed: the local backend needs it")
+    return path
+
+
 def _exit_reason(code: int | None) -> str:
     if code is None:
         return "process ended (its exit code is unknown: an earlier deploy server started it)"
@@ -158,7 +166,7 @@ class LocalBackend:
         self._host = host
         self._python = python
         self._record_delay = record_delay
-        self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._children: dict[str, Detached] = {}
         self._background = Supervisor()  # the reapers of our own children
         self.suite = suite_label(state_dir)
         """The label in every app's environment (``BINDER_SUITE``) that finds it again."""
@@ -223,35 +231,10 @@ class LocalBackend:
             }
         )
         limit = memory_bytes(template.limits["memory"]) if "memory" in template.limits else None
-
-        app = self._user
-
-        def preexec() -> None:  # runs in the child between fork and exec
-            if limit:
-                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            if app is not None:  # here, not Popen's user=: uvloop's subprocesses lack it
-                os.setgroups([])
-                os.setgid(app.gid)
-                os.setuid(app.uid)
-
         log_path = self._log_dir / f"{spec.id}.log"
 
-        async def spawn_and_record() -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
-            try:
-                # opening a local file in append mode does not wait on anything worth a thread
-                with open(log_path, "ab") as log:  # noqa: ASYNC230
-                    proc = await asyncio.create_subprocess_exec(
-                        *argv,
-                        env=env,
-                        stdin=asyncio.subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=log,
-                        start_new_session=True,
-                        preexec_fn=preexec,
-                        cwd=workdir,
-                    )
-            except OSError as exc:
-                raise LaunchError(f"could not start {argv[0]!r}: {exc.strerror or exc}") from exc
+        async def spawn_and_record() -> tuple[Detached, dict[str, Any]]:
+            proc = self._spawn(argv, env=env, workdir=workdir, log_path=log_path, limit=limit)
             ref = {
                 "pid": proc.pid,
                 "port": port,
@@ -282,10 +265,49 @@ class LocalBackend:
             spec.id, State.STARTING, f"http://{self._host}:{port}", ref, None, template.name
         )
 
-    async def _reap(
-        self, dep_id: str, proc: asyncio.subprocess.Process, ref: dict[str, Any]
-    ) -> None:
-        code = await proc.wait()
+    def _wrappers(self, limit: int | None) -> list[str]:
+        """What runs before the app's command: ``prlimit`` sets its memory limit and
+        ``setpriv`` switches to the app's user (both util-linux), so that the spawn itself needs
+        no code between fork and exec and the server is never copied."""
+        out: list[str] = []
+        if limit:
+            out += [_tool("prlimit"), f"--as={limit}", "--"]
+        if self._user is not None:
+            user = self._user
+            out += [_tool("setpriv"), f"--reuid={user.uid}", f"--regid={user.gid}"]
+            out += ["--clear-groups", "--"]
+        return out
+
+    def _spawn(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        workdir: Path,
+        log_path: Path,
+        limit: int | None,
+    ) -> Detached:
+        wrappers = self._wrappers(limit)
+        if wrappers and shutil.which(argv[0], path=env.get("PATH")) is None:
+            # the wrapper would fail to run it: say so now, as a failed spawn does
+            raise LaunchError(f"could not start {argv[0]!r}: no such program")
+        try:
+            with open(log_path, "ab") as log:
+                return Detached(
+                    [*wrappers, *argv],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    cwd=workdir,
+                )
+        except OSError as exc:
+            raise LaunchError(f"could not start {argv[0]!r}: {exc.strerror or exc}") from exc
+
+    async def _reap(self, dep_id: str, proc: Detached, ref: dict[str, Any]) -> None:
+        await exited(proc.pid)
+        code = proc.wait()
         self._exit_codes[dep_id] = code
         self._children.pop(dep_id, None)
         if dep_id in self._stopping or self._notify is None:
@@ -311,7 +333,7 @@ class LocalBackend:
     ) -> Observed:
         async def alive() -> str | None:
             proc = self._children.get(spec.id)
-            if proc is not None and proc.returncode is not None:
+            if proc is not None and proc.poll() is not None:
                 return _exit_reason(proc.returncode)
             if proc is None and not self._alive(observed.ref):
                 return _exit_reason(self._exit_codes.get(spec.id))
@@ -332,7 +354,7 @@ class LocalBackend:
             if self._alive(ref):
                 await self._kill_group(int(ref["pid"]))
             proc = self._children.get(dep_id)
-            if proc is not None and proc.returncode is None:
+            if proc is not None and proc.poll() is None:
                 await self._kill_group(proc.pid)
             self._pidfile(dep_id).unlink(missing_ok=True)
             self._exit_codes.pop(dep_id, None)
@@ -352,10 +374,9 @@ class LocalBackend:
         started = start_time(pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-        with anyio.move_on_after(STOP_GRACE_SECONDS):
-            # the group leader may not be our child (an adopted app): no event to wait on
-            while started is not None and start_time(pid) == started:  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+        if started is not None:
+            with anyio.move_on_after(STOP_GRACE_SECONDS):
+                await exited(pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
 
@@ -393,7 +414,7 @@ class LocalBackend:
             if ref is None:
                 continue
             proc = self._children.get(path.stem)
-            running = (proc is not None and proc.returncode is None) or self._alive(ref)
+            running = (proc is not None and proc.poll() is None) or self._alive(ref)
             out.append(
                 Observed(
                     path.stem,
