@@ -62,7 +62,9 @@ class FakeStore:
         self._check()
         return self.deps.get(dep_id)
 
-    async def move(self, dep_id: str, to: Status, change: Change) -> Deployment | None:
+    async def move(
+        self, dep_id: str, to: Status, change: Change, *, known: Deployment | None = None
+    ) -> Deployment | None:
         self._check()
         dep = self.deps.get(dep_id)
         if dep is not None and dep.status is to:
@@ -72,7 +74,9 @@ class FakeStore:
         self.deps[dep_id] = replace(dep, status=to, **change.values())
         return self.deps[dep_id]
 
-    async def update(self, dep_id: str, change: Change) -> Deployment | None:
+    async def update(
+        self, dep_id: str, change: Change, *, known: Deployment | None = None
+    ) -> Deployment | None:
         self._check()
         if dep_id not in self.deps:
             return None

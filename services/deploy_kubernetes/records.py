@@ -165,7 +165,7 @@ class Records:
         """Write ``dep``'s move to ``to`` (if still allowed) before anything acts on it.
 
         None when the record has moved elsewhere meanwhile (a launch deleted while it ran)."""
-        moved = await self._store.move(dep.id, to, change)
+        moved = await self._store.move(dep.id, to, change, known=self._view.get(dep.id))
         if moved is None or moved.status is not to:
             current = moved or await self._store.get(dep.id)
             if current is not None:
@@ -181,7 +181,7 @@ class Records:
         return moved
 
     async def update(self, dep_id: str, change: Change) -> Deployment | None:
-        dep = await self._store.update(dep_id, change)
+        dep = await self._store.update(dep_id, change, known=self._view.get(dep_id))
         if dep is not None:
             self._remember(dep)
         return dep

@@ -109,6 +109,28 @@ def test_move_sets_fields_and_is_idempotent(make_store: Callable[[], Store]) -> 
     run(make_store, case)
 
 
+def test_move_and_update_from_the_known_record_match_what_is_stored(
+    make_store: Callable[[], Store],
+) -> None:
+    """A caller that passes the record it knows gets back what a read would give."""
+
+    async def case(store: Store) -> None:
+        dep = _dep()
+        await store.insert(dep)
+        change = Change(target="http://a:1", backend_ref={"pid": 7}, deployed_at=now())
+        moved = await store.move(dep.id, Status.DEPLOYED, change, known=dep)
+        assert moved is not None
+        assert moved == await store.get(dep.id)
+        updated = await store.update(dep.id, Change(last_activity=now()), known=moved)
+        assert updated == await store.get(dep.id)
+        # a move that does not apply is not made up from the known record
+        assert await store.move(dep.id, Status.DEPLOYING, Change(), known=updated) is None
+        ended = await store.move(dep.id, Status.DELETED, Change(reason="bye"), known=updated)
+        assert ended == await store.get(dep.id)
+
+    run(make_store, case)
+
+
 def test_update_sets_only_given_fields(make_store: Callable[[], Store]) -> None:
     async def case(store: Store) -> None:
         dep = _dep()
