@@ -10,6 +10,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -120,6 +121,9 @@ LISTEN_POLL_FRACTION = 0.1
 far (bounded below and above): a fast app is seen within a few milliseconds of listening, a slow
 one costs a few dozen connect attempts, not one per 20 ms."""
 LISTEN_POLL_BOUNDS = (0.002, 0.1)
+FIRST_LOOK_FRACTION = 0.7
+"""The first connect attempt waits this fraction of the quickest recent start of the same
+template: no attempt is spent while the app cannot be listening yet."""
 HTTP_PROBE_BOUNDS = (0.005, 1.0)
 """First and longest wait between HTTP probes of an app that listens but does not answer yet."""
 
@@ -143,12 +147,36 @@ async def accepts(host: str, port: int) -> bool:
     return True
 
 
+class StartTimes:
+    """How long recent apps of each template took to listen, to know when to look first."""
+
+    KEPT = 8
+
+    def __init__(self) -> None:
+        self._seen: dict[str, deque[float]] = {}
+
+    def first_look(self, template: str) -> float:
+        seen = self._seen.get(template)
+        return FIRST_LOOK_FRACTION * min(seen) if seen else 0.0
+
+    def add(self, template: str, seconds: float) -> None:
+        self._seen.setdefault(template, deque(maxlen=self.KEPT)).append(seconds)
+
+
 async def wait_listening(
-    host: str, port: int, *, deadline: float, alive: Callable[[], Awaitable[str | None]]
-) -> None:
-    """Wait until ``host:port`` accepts connections, looking again after a fraction of the time
-    taken so far: a fast app is seen within milliseconds, a slow one costs a few dozen attempts."""
+    host: str,
+    port: int,
+    *,
+    deadline: float,
+    alive: Callable[[], Awaitable[str | None]],
+    first_look: float = 0.0,
+) -> float:
+    """Wait until ``host:port`` accepts connections; returns the seconds that took. The first
+    attempt waits ``first_look``; then each looks again after a fraction of the time taken so
+    far: a fast app is seen within milliseconds, a slow one costs a few dozen attempts."""
     start = time.monotonic()
+    if first_look > 0:
+        await anyio.sleep(min(first_look, max(0.0, deadline - start)))
     low, high = LISTEN_POLL_BOUNDS
     while not await accepts(host, port):
         reason = await alive()
@@ -158,6 +186,7 @@ async def wait_listening(
         if now > deadline:
             raise LaunchError("timed out waiting for the app to listen")
         await anyio.sleep(min(high, max(low, (now - start) * LISTEN_POLL_FRACTION)))
+    return time.monotonic() - start
 
 
 async def in_daemon_thread(func: Callable[..., None], *args: Any) -> None:
@@ -191,15 +220,24 @@ async def in_daemon_thread(func: Callable[..., None], *args: Any) -> None:
 
 
 async def wait_http(
-    url: str, *, deadline: float, alive: Callable[[], Awaitable[str | None]]
+    url: str,
+    *,
+    deadline: float,
+    alive: Callable[[], Awaitable[str | None]],
+    starts: StartTimes | None = None,
+    template: str = "",
 ) -> None:
     """Wait until ``url`` answers below 500; ``alive`` returns a reason once the app is gone.
 
-    HTTP probes start only once the app listens (``wait_listening``): the first goes at once, the
-    next ones after a doubling interval. They name themselves in their ``User-Agent``."""
+    HTTP probes start only once the app listens (``wait_listening``, its first look timed by
+    ``starts``, which learns how long this one took): the first goes at once, the next ones after
+    a doubling interval. They name themselves in their ``User-Agent``."""
     parts = httpx.URL(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    await wait_listening(parts.host, port, deadline=deadline, alive=alive)
+    first = starts.first_look(template) if starts else 0.0
+    took = await wait_listening(parts.host, port, deadline=deadline, alive=alive, first_look=first)
+    if starts is not None:
+        starts.add(template, took)
     interval, longest = HTTP_PROBE_BOUNDS
     async with httpx.AsyncClient(
         timeout=2.0,

@@ -46,6 +46,7 @@ from services.deploy_kubernetes.backends.base import (
     LaunchSpec,
     Notify,
     Observed,
+    StartTimes,
     State,
     wait_http,
 )
@@ -167,6 +168,7 @@ class LocalBackend:
         self._python = python
         self._record_delay = record_delay
         self._children: dict[str, Detached] = {}
+        self._starts = StartTimes()
         self._background = Supervisor()  # the reapers of our own children
         self.suite = suite_label(state_dir)
         """The label in every app's environment (``BINDER_SUITE``) that finds it again."""
@@ -340,7 +342,13 @@ class LocalBackend:
             return None
 
         assert observed.target is not None
-        await wait_http(observed.target + spec.base_url, deadline=deadline, alive=alive)
+        await wait_http(
+            observed.target + spec.base_url,
+            deadline=deadline,
+            alive=alive,
+            starts=self._starts,
+            template=spec.template.name,
+        )
         return Observed(
             spec.id, State.RUNNING, observed.target, observed.ref, None, observed.template
         )
