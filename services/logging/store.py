@@ -90,7 +90,11 @@ def _line_record(bucket: dict[str, Any], line: dict[str, Any]) -> dict[str, Any]
 class LogStore:
     def __init__(self, *, uri: str, database: str, timeout_ms: int = 2000) -> None:
         self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, tz_aware=True
+            uri,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            journal=True,
+            tz_aware=True,
         )
         db = self._client[database]
         self._buckets = db["log_buckets"]

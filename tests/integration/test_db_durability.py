@@ -1,6 +1,6 @@
-"""The embedded database keeps every write it acknowledged through a kill -9: the suite's `db`
-program, run as the suite runs it, killed right after its last acknowledged write and restarted
-on the same data, three rounds."""
+"""The embedded database keeps every write it acknowledged as journaled (``j=true``, as every
+writer of the suite asks) through a kill -9: the suite's `db` program, run as the suite runs it,
+killed right after its last acknowledged write and restarted on the same data, three rounds."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def db(tmp_path: Path) -> Iterator[Database]:
 
 
 def _client(db: Database) -> MongoClient[dict[str, Any]]:
-    return MongoClient(db.uri, serverSelectionTimeoutMS=5000)
+    return MongoClient(db.uri, serverSelectionTimeoutMS=5000, journal=True)
 
 
 def _acknowledged_writes(db: Database, round_no: int) -> dict[str, str]:
