@@ -94,6 +94,10 @@ class LogStore:
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
             journal=True,
+            # every write here is idempotent (buckets and chunks have ids of their own, offsets
+            # are replaced): a write whose answer was lost is sent again by its caller, so the
+            # driver's retryable writes (and the server's bookkeeping of them) are not needed
+            retryWrites=False,
             tz_aware=True,
         )
         db = self._client[database]
