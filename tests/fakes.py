@@ -3,6 +3,7 @@ They record calls and can be told to fail. The contract tests keep them honest."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
@@ -33,8 +34,17 @@ class FakeStore:
         self.deps: dict[str, Deployment] = {}
         self.templates: dict[str, Template] = {}
         self.down = False
+        self.paused: asyncio.Event | None = None
+        """When set, writes wait for it after landing and before answering (a slow answer)."""
+        self.landed = asyncio.Event()
+        """Set when a paused write has landed."""
         self.retried_inserts = 0
         """Inserts that land, then answer a duplicate key (a driver's retry of a lost answer)."""
+
+    async def _answer(self) -> None:
+        if self.paused is not None:
+            self.landed.set()
+            await self.paused.wait()
 
     def _check(self) -> None:
         if self.down:
@@ -72,6 +82,9 @@ class FakeStore:
         if dep is None or dep.status not in set(sources_of(to)):
             return None
         self.deps[dep_id] = replace(dep, status=to, **change.values())
+        await self._answer()
+        if known is not None:  # as the real store: built from the known record
+            return replace(known, status=to, **change.values())
         return self.deps[dep_id]
 
     async def update(
@@ -81,6 +94,9 @@ class FakeStore:
         if dep_id not in self.deps:
             return None
         self.deps[dep_id] = replace(self.deps[dep_id], **change.values())
+        await self._answer()
+        if known is not None:  # as the real store: built from the known record
+            return replace(known, **change.values())
         return self.deps[dep_id]
 
     async def find(
@@ -142,6 +158,10 @@ class FakeBackend:
         self.calls: list[tuple[str, str]] = []
         self.fail_with: str | None = None
         self.down = False
+        self.paused: asyncio.Event | None = None
+        """When set, writes wait for it after landing and before answering (a slow answer)."""
+        self.landed = asyncio.Event()
+        """Set when a paused write has landed."""
         self.retried_inserts = 0
         """Inserts that land, then answer a duplicate key (a driver's retry of a lost answer)."""
         self.notify: Notify | None = None
@@ -205,10 +225,19 @@ class FakeProxy:
     def __init__(self) -> None:
         self.table: dict[str, tuple[str, datetime | None]] = {}
         self.down = False
+        self.paused: asyncio.Event | None = None
+        """When set, writes wait for it after landing and before answering (a slow answer)."""
+        self.landed = asyncio.Event()
+        """Set when a paused write has landed."""
         self.retried_inserts = 0
         """Inserts that land, then answer a duplicate key (a driver's retry of a lost answer)."""
         self.listings = 0
         """How often the whole routing table was listed."""
+
+    async def _answer(self) -> None:
+        if self.paused is not None:
+            self.landed.set()
+            await self.paused.wait()
 
     def _check(self) -> None:
         if self.down:

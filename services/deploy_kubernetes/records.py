@@ -29,6 +29,11 @@ PROGRESS_KEPT = 20
 RETRY_AFTER = {"Retry-After": "30"}
 
 
+def _stage(status: Status) -> int:
+    """How far along its life a status is; a record is never shown going back."""
+    return 2 if status.final else (1 if status is Status.DEPLOYED else 0)
+
+
 @dataclass(frozen=True)
 class Progress:
     """A backend's word on a launch under way (a pod pulling its image), for event streams."""
@@ -78,6 +83,9 @@ class Records:
     # --- the view -----------------------------------------------------------------------------
 
     def _remember(self, dep: Deployment) -> None:
+        old = self._view.get(dep.id)
+        if old is not None and _stage(dep.status) < _stage(old.status):
+            return  # a copy older than what is shown (a write answered after a later one)
         self._view[dep.id] = dep
         self._view.move_to_end(dep.id)
         while len(self._view) > CACHE_SIZE:
@@ -165,7 +173,14 @@ class Records:
         """Write ``dep``'s move to ``to`` (if still allowed) before anything acts on it.
 
         None when the record has moved elsewhere meanwhile (a launch deleted while it ran)."""
-        moved = await self._store.move(dep.id, to, change, known=self._view.get(dep.id))
+        known = self._view.get(dep.id)
+        moved = await self._store.move(dep.id, to, change, known=known)
+        latest = self._view.get(dep.id)
+        if moved is not None and latest is not None and latest is not known:
+            # another write of this record was answered first: go on from it, never back
+            if _stage(latest.status) > _stage(to):
+                return None
+            moved = latest.evolve(status=to, **change.values())
         if moved is None or moved.status is not to:
             current = moved or await self._store.get(dep.id)
             if current is not None:
@@ -181,7 +196,12 @@ class Records:
         return moved
 
     async def update(self, dep_id: str, change: Change) -> Deployment | None:
-        dep = await self._store.update(dep_id, change, known=self._view.get(dep_id))
+        known = self._view.get(dep_id)
+        dep = await self._store.update(dep_id, change, known=known)
+        latest = self._view.get(dep_id)
+        if dep is not None and latest is not None and latest is not known:
+            # moved or updated while this was written: the change goes onto what is shown now
+            dep = latest.evolve(**change.values())
         if dep is not None:
             self._remember(dep)
         return dep
