@@ -197,12 +197,17 @@ def invariants(suite: Suite, ledger: Ledger) -> dict[str, int]:
                 continue
             statuses[dep_id] = r.json()["status"]
             stuck += statuses[dep_id] == "deploying"
-    undeleted = sum(1 for d in ledger.deleted if statuses.get(d) != "deleted")
-    unreachable = 0
+    undeleted = {d: statuses.get(d) for d in ledger.deleted if statuses.get(d) != "deleted"}
+    if undeleted:
+        print(f"chaos: acknowledged deletes that do not read deleted: {undeleted}", flush=True)
+    unreachable = {}
     for dep_id, status in statuses.items():
         if status == "deployed":
             code = httpx.get(f"{suite.proxy_url}/user/{dep_id}/", timeout=5).status_code
-            unreachable += code != 200
+            if code != 200:
+                unreachable[dep_id] = code
+    if unreachable:
+        print(f"chaos: deployed apps the proxy does not serve: {unreachable}", flush=True)
     label_dir = suite.home / "run" / "local"
     running = _suite_apps(label_dir)
     for dep_id in set(running) - set(statuses):  # launched, but the answer was lost
@@ -215,8 +220,8 @@ def invariants(suite: Suite, ledger: Ledger) -> dict[str, int]:
     return {
         "lost": lost,
         "stuck": stuck,
-        "undeleted": undeleted,
-        "unreachable": unreachable,
+        "undeleted": len(undeleted),
+        "unreachable": len(unreachable),
         "unowned": unowned,
         "server_errors": ledger.codes.get(500, 0),
     }
