@@ -65,6 +65,7 @@ def configure_logging(
 ) -> None:
     logger.remove()
     logger.configure(extra={"service": service})
-    logger.add(_stdout_sink, level=level)
+    # the sinks read ``message.record``: "{message}" spares loguru a formatted line per sink
+    logger.add(_stdout_sink, level=level, format="{message}")
     for sink in sinks or []:
-        logger.add(sink, level=level)
+        logger.add(sink, level=level, format="{message}")

@@ -196,7 +196,7 @@ def bench_status(seconds: int) -> None:
         health = _wrk(server.url + "/health", seconds)
         status = _wrk(server.url, seconds, script)
     figures = {"status_rps": status, "health_rps": health, "ratio": status / health}
-    report("status", figures, {"ratio": "(target >= 0.70)"})
+    report("status", figures, {"ratio": "(target >= 0.90)"})
 
 
 def bench_logs(lines: int) -> None:
