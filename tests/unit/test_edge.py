@@ -144,3 +144,12 @@ def test_a_stalled_body_is_cut(port: int) -> None:
 
 def test_a_malformed_request_gets_400(port: int) -> None:
     assert _talk(port, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+
+
+def test_heads_held_for_their_body_still_reach_head_requests_and_empty_bodies(port: int) -> None:
+    head = b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n"
+    post = b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    answer = _talk(port, head + post)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.count(b"HTTP/1.1 200 ") == 2
+    assert answer.endswith(b"/e 3 0")
