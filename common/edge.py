@@ -80,8 +80,11 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)  # a refusal in a callback comes back as send_400_response
         if self._refusal is not None or self.transport.is_closing():
             return
-        if not self._in_head:  # a body is being read: it must not stall
-            self._arm(self.limits.idle_timeout_seconds, self._body_stalled)
+        if not self._in_head:
+            if self.transport.get_protocol() is not self:  # upgraded: no longer HTTP/1.1 here
+                self._disarm()
+                return
+            self._arm(self.limits.idle_timeout_seconds, self._body_stalled)  # it must not stall
         elif not self._begun:
             self._disarm()  # between requests: uvicorn's keep-alive deadline runs
         elif self._timer is None:  # a head begun on a kept-alive connection
