@@ -12,13 +12,11 @@ import secrets
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from datetime import UTC
-from typing import Any
+from typing import Any, Protocol
 
 from loguru import logger
 
-Sink = Callable[[Any], None]
 RESERVED = ("time", "service", "level", "message")
 MAX_TRACEBACK = 8000
 
@@ -55,16 +53,32 @@ def record_to_dict(record: Any) -> dict[str, Any]:
     return out
 
 
-def _stdout_sink(message: Any) -> None:
-    sys.stdout.write(json.dumps(record_to_dict(message.record)) + "\n")
-    sys.stdout.flush()
+class RecordSink(Protocol):
+    """Where records go besides stdout (the aggregator's sink): each as its wire record."""
+
+    def push(self, record: dict[str, Any]) -> None: ...
+
+
+class _Outputs:
+    """The one loguru handler: each record is made into its wire record once, written to stdout
+    as a JSON line and handed to every other sink."""
+
+    def __init__(self, sinks: list[RecordSink]) -> None:
+        self.sinks = sinks
+
+    def __call__(self, message: Any) -> None:
+        record = record_to_dict(message.record)
+        line = json.dumps(record) + "\n"
+        for sink in self.sinks:
+            sink.push(record)
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def configure_logging(
-    service: str, *, level: str = "INFO", sinks: list[Sink] | None = None
+    service: str, *, level: str = "INFO", sinks: list[RecordSink] | None = None
 ) -> None:
     logger.remove()
     logger.configure(extra={"service": service})
-    logger.add(_stdout_sink, level=level)
-    for sink in sinks or []:
-        logger.add(sink, level=level)
+    # the handler reads ``message.record``: "{message}" spares loguru a formatted line
+    logger.add(_Outputs(list(sinks or [])), level=level, format="{message}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import uvicorn
 from starlette.applications import Starlette
 
-from common.edge import HeaderCountLimit, edge_protocol
+from common.edge import edge_protocol
 from common.errors import BinderError
 from common.settings import HttpSettings, Settings, load_settings
 
@@ -24,11 +24,10 @@ def serve(
     not believed here: uvicorn would believe it from loopback, and the deploy API decides which
     proxies it trusts itself."""
     uvicorn.run(
-        HeaderCountLimit(app, max_count=limits.max_header_count),
+        app,
         host=host,
         port=port,
         http=edge_protocol(limits),
-        h11_max_incomplete_event_size=limits.max_header_bytes,
         timeout_keep_alive=max(1, math.ceil(limits.idle_timeout_seconds)),
         limit_concurrency=limits.max_connections,
         proxy_headers=False,

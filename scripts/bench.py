@@ -161,10 +161,19 @@ def _wrk(url: str, seconds: int, script: Path | None = None) -> float:
     raise SystemExit(f"wrk printed no rate:\n{out}")
 
 
+WARM_UP_SECONDS = 2
+"""Unmeasured load on each endpoint first. The records were stored behind the server's back, so
+before it every record is read once: the first read of each goes to the database, and a client
+polling a deployment reads one the server already holds."""
+
+
 def bench_status(seconds: int) -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
-    print(f"status throughput at 32 connections over {seconds} s, 1,000 records stored")
+    print(
+        f"status throughput at 32 connections over {seconds} s, 1,000 records stored; "
+        f"each measured after every record was read once and a {WARM_UP_SECONDS} s warm-up"
+    )
     from pymongo import MongoClient
 
     with suite(max_deployments=5000) as server:
@@ -193,10 +202,15 @@ def bench_status(seconds: int) -> None:
         id_file.write_text("\n".join(ids) + "\n")
         script = server.workdir / "status.lua"
         script.write_text(WRK_SCRIPT % id_file)
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for i in ids:
+                client.get(f"/applications/example/{i}").raise_for_status()
+        for url, lua in ((server.url + "/health", None), (server.url, script)):
+            _wrk(url, WARM_UP_SECONDS, lua)
         health = _wrk(server.url + "/health", seconds)
         status = _wrk(server.url, seconds, script)
     figures = {"status_rps": status, "health_rps": health, "ratio": status / health}
-    report("status", figures, {"ratio": "(target >= 0.70)"})
+    report("status", figures, {"ratio": "(target >= 0.90)"})
 
 
 def bench_logs(lines: int) -> None:

@@ -3,6 +3,11 @@
 Each record carries the client's address (as the per-client limits see it), the method, the path,
 the status, the time taken and, where there is one, the deployment's ``id``. Headers are never
 logged (the ``Authorization`` header holds the API key).
+
+Probes (``/health``, ``/metrics``) answered below 400 are logged at debug: a supervisor or a
+scraper asks them every few seconds and they change nothing. Each record costs one loguru call
+with its fields as keyword arguments (no bound loggers made per request); the message is made
+from the fields.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.deploy_kubernetes.models import ID_RE
 
 MAX_PATH_LOGGED = 200
+PROBES = frozenset({"/health", "/metrics"})
+MESSAGE = "{method} {path} {status} {ms:.1f} ms from {client}"
 
 
 class AccessLog:
@@ -45,13 +52,20 @@ class AccessLog:
             self._log(scope, status, (time.monotonic() - started) * 1000)
 
     def _log(self, scope: Scope, status: int, ms: float) -> None:
-        client = self.client_of(Request(scope))
         path = str(scope.get("path", ""))[:MAX_PATH_LOGGED]
+        fields: dict[str, str | int | float] = {
+            "client": self.client_of(Request(scope)),
+            "method": scope["method"],
+            "path": path,
+            "status": status,
+            "ms": round(ms, 1),
+        }
         dep_id = scope.get("path_params", {}).get("id") or scope.get("state", {}).get(
             "deployment_id"
         )
-        fields = {"client": client, "method": scope["method"], "path": path, "status": status}
-        log = logger.bind(**fields, ms=round(ms, 1))
         if isinstance(dep_id, str) and ID_RE.match(dep_id):
-            log = log.bind(id=dep_id)
-        log.info("{} {} {} {:.1f} ms from {}", scope["method"], path, status, ms, client)
+            fields["id"] = dep_id
+        if status < 400 and path in PROBES:
+            logger.debug(MESSAGE, **fields)
+        else:
+            logger.info(MESSAGE, **fields)

@@ -16,6 +16,7 @@ from common.proxy import Proxy, ProxyClient
 from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS
 from services.deploy_kubernetes.access import AccessLog
+from services.deploy_kubernetes.answers import StatusAnswers
 from services.deploy_kubernetes.backends.base import Backend
 from services.deploy_kubernetes.console import Console
 from services.deploy_kubernetes.errors import BinderError
@@ -120,6 +121,7 @@ def create_app(
                 "service": service,
                 "client_limits": client_limits,
                 "edge": settings.http,
+                "status_answers": StatusAnswers(),
                 "console": console,
             }
         finally:

@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from common.settings import HttpSettings
 from common.web import has_key, metrics_response, read_json_object, require_key
+from services.deploy_kubernetes.answers import StatusAnswers
 from services.deploy_kubernetes.errors import MalformedRequestError
 from services.deploy_kubernetes.limits import KEY_CLIENT, ClientLimits
 from services.deploy_kubernetes.models import Status, check_name, parse_cull_timeout, parse_template
@@ -94,7 +95,8 @@ async def launch(request: Request) -> Response:
 
 async def status(request: Request) -> Response:
     dep = await _service(request).get(request.path_params["template"], request.path_params["id"])
-    return JSONResponse(dep.to_api())
+    answers: StatusAnswers = request.state.status_answers
+    return Response(answers.of(dep), media_type="application/json")
 
 
 async def list_deployments(request: Request) -> Response:
