@@ -4,8 +4,9 @@ Each record carries the client's address (as the per-client limits see it), the 
 the status, the time taken and, where there is one, the deployment's ``id``. Headers are never
 logged (the ``Authorization`` header holds the API key).
 
-Probes (``/health``, ``/metrics``) answered below 400 are logged at debug: a supervisor or a
-scraper asks them every few seconds and they change nothing. Each record costs one loguru call
+Probes (``/health``, ``/metrics``) and polls (a read of one deployment's status, which a client
+asks again until it changes) answered below 400 are logged at debug: they come every few seconds
+and change nothing; launches, deletes, template changes and every error stay at info. Each record costs one loguru call
 with its fields as keyword arguments (no bound loggers made per request); the message is made
 from the fields.
 """
@@ -65,7 +66,8 @@ class AccessLog:
         )
         if isinstance(dep_id, str) and ID_RE.match(dep_id):
             fields["id"] = dep_id
-        if status < 400 and path in PROBES:
+        polled = path in PROBES or scope.get("state", {}).get("poll", False)
+        if status < 400 and polled:
             logger.debug(MESSAGE, **fields)
         else:
             logger.info(MESSAGE, **fields)

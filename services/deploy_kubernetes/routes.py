@@ -94,6 +94,7 @@ async def launch(request: Request) -> Response:
 
 
 async def status(request: Request) -> Response:
+    request.state.poll = True  # clients ask again and again: logged at debug when it answers
     dep = await _service(request).get(request.path_params["template"], request.path_params["id"])
     answers: StatusAnswers = request.state.status_answers
     return Response(answers.of(dep), media_type="application/json")

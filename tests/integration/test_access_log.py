@@ -30,11 +30,13 @@ def test_each_request_is_logged_and_changes_say_who_made_them(deploy: DeployServ
         timeout=10,
     )
     assert put.status_code == 200
+    unknown = "0" * 32
+    assert httpx.get(f"{deploy.url}/applications/example/{unknown}", timeout=10).status_code == 404
 
     def access_lines() -> list[dict[str, Any]]:
-        return [r for r in _records(deploy) if r.get("method") == "PUT"]
+        return [r for r in _records(deploy) if r.get("id") == unknown]
 
-    wait_for(access_lines, what="the access line of the PUT")
+    wait_for(access_lines, what="the access line of the last request")
     records = _records(deploy)
     launch = next(r for r in records if r.get("method") == "POST")
     assert launch["path"] == "/applications/example"
@@ -43,9 +45,10 @@ def test_each_request_is_logged_and_changes_say_who_made_them(deploy: DeployServ
     assert launch["client"] == "127.0.0.1"
     assert launch["service"] == "deploy-kubernetes"
     assert isinstance(launch["ms"], float)
-    polls = [r for r in records if r.get("method") == "GET" and r.get("id") == dep_id]
-    assert polls
-    assert all(r["path"] == f"/applications/example/{dep_id}" for r in polls)
+    # the harness polled the status until deployed: answered 200, each poll is at debug
+    assert not [r for r in records if r.get("method") == "GET" and r.get("id") == dep_id]
+    [failed_poll] = [r for r in records if r.get("method") == "GET" and r.get("id") == unknown]
+    assert (failed_poll["status"], failed_poll["level"]) == (404, "info")
     messages = [r["message"] for r in records]
     assert "launched by 127.0.0.1" in messages
     assert "delete asked by api-key from 127.0.0.1" in messages

@@ -1,4 +1,5 @@
-"""The deploy API's access log: one record per request with its fields; probes at debug."""
+"""The deploy API's access log: one record per request with its fields; probes and status polls
+at debug unless they fail."""
 
 from __future__ import annotations
 
@@ -20,7 +21,13 @@ DEP_ID = "0123456789abcdef0123456789abcdef"
 
 
 async def status(request: Request) -> Response:
-    return JSONResponse({"id": request.path_params["id"]})
+    request.state.poll = True
+    found = request.path_params["template"] == "example"
+    return JSONResponse({"id": request.path_params["id"]}, status_code=200 if found else 404)
+
+
+async def delete(request: Request) -> Response:
+    return JSONResponse({"id": request.path_params["id"], "status": "deleted"})
 
 
 async def health(request: Request) -> Response:
@@ -42,7 +49,11 @@ def records() -> Iterator[list[dict[str, Any]]]:
 @pytest.fixture
 def client() -> Iterator[TestClient]:
     app = Starlette(
-        routes=[Route("/applications/{template}/{id}", status), Route("/health", health)],
+        routes=[
+            Route("/applications/{template}/{id}", status, methods=["GET"]),
+            Route("/applications/{template}/{id}", delete, methods=["DELETE"]),
+            Route("/health", health),
+        ],
         middleware=[Middleware(AccessLog, client_of=lambda r: "203.0.113.9")],
     )
     with TestClient(app) as c:
@@ -52,12 +63,12 @@ def client() -> Iterator[TestClient]:
 def test_a_request_is_one_info_record_with_its_fields(
     client: TestClient, records: list[dict[str, Any]]
 ) -> None:
-    assert client.get(f"/applications/example/{DEP_ID}").status_code == 200
+    assert client.delete(f"/applications/example/{DEP_ID}").status_code == 200
     [record] = records
     assert record["level"] == "INFO"
     assert record["client"] == "203.0.113.9"
     assert (record["method"], record["path"], record["status"]) == (
-        "GET",
+        "DELETE",
         f"/applications/example/{DEP_ID}",
         200,
     )
@@ -71,3 +82,11 @@ def test_probes_are_at_debug_unless_they_fail(
     client.get("/health")
     client.get("/health?code=503")
     assert [(r["level"], r["status"]) for r in records] == [("DEBUG", 200), ("INFO", 503)]
+
+
+def test_status_polls_are_at_debug_unless_they_fail(
+    client: TestClient, records: list[dict[str, Any]]
+) -> None:
+    client.get(f"/applications/example/{DEP_ID}")
+    client.get(f"/applications/nothing/{DEP_ID}")
+    assert [(r["level"], r["status"]) for r in records] == [("DEBUG", 200), ("INFO", 404)]
