@@ -89,7 +89,7 @@ async def launch(request: Request) -> Response:
         reservation.bind(dep.id)
     request.state.deployment_id = dep.id
     logger.bind(id=dep.id, template=template).info("launched by {}", _who(request))
-    return JSONResponse({"id": dep.id})
+    return JSONResponse(dep.to_api())  # a pooled launch is ``deployed`` with its url already
 
 
 async def status(request: Request) -> Response:
