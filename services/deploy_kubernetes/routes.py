@@ -88,7 +88,8 @@ async def launch(request: Request) -> Response:
     if reservation is not None:
         reservation.bind(dep.id)
     request.state.deployment_id = dep.id
-    logger.bind(id=dep.id, template=template).info("launched by {}", _who(request))
+    pooled = " from the pool" if dep.status is Status.DEPLOYED else ""
+    logger.bind(id=dep.id, template=template).info("launched{} by {}", pooled, _who(request))
     return JSONResponse(dep.to_api())  # a pooled launch is ``deployed`` with its url already
 
 
