@@ -104,12 +104,13 @@ class FakeStore:
         self._check()
         dep = self.deps.get(dep_id)
         claim = {"created": created, "cull_timeout_ms": cull_timeout_ms, "client": client}
-        if dep is None or dep.status is not Status.DEPLOYED:
+        if dep is None:
             return False
-        if not dep.pooled:  # claimed: by this very claim (a retried write), or by another
-            return all(getattr(dep, k) == v for k, v in claim.items())
-        self.deps[dep_id] = replace(dep, pooled=False, **claim)
-        return True
+        if dep.pooled and dep.status is Status.DEPLOYED:
+            self.deps[dep_id] = replace(dep, pooled=False, **claim)
+            return True
+        # claimed already: by this very claim (a retried write), or by another
+        return not dep.pooled and all(getattr(dep, k) == v for k, v in claim.items())
 
     async def put_template(self, template: Template) -> None:
         self._check()
