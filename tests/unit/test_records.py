@@ -128,7 +128,7 @@ def test_a_claim_that_could_not_be_written_leaves_the_instance_claimable() -> No
 def test_an_instance_withdrawn_for_retirement_is_never_claimed() -> None:
     async def main() -> None:
         kept, retired, starting = _pooled(), _pooled(), _pooled(ready=False)
-        store, records = await _records_over(kept, retired, starting)
+        _, records = await _records_over(kept, retired, starting)
         assert records.withdraw(retired)
         assert records.withdraw(starting)
         await records.move(starting, Status.DEPLOYED, Change(deployed_at=now()))
