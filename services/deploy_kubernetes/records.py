@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from loguru import logger
@@ -42,6 +42,15 @@ class Progress:
 
 
 Update = Deployment | Progress
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a launch sets on the pooled instance it takes."""
+
+    created: datetime
+    cull_timeout_ms: int
+    client: str | None
 
 
 class Records:
@@ -217,29 +226,36 @@ class Records:
         ready = self._ready.get(template)
         while ready:
             _, dep = ready.popitem(last=False)  # no other launch of this process picks it now
-            claimed = dep.evolve(
-                pooled=False, created=created, cull_timeout_ms=cull_timeout_ms, client=client
-            )
-            self._claiming.add(dep.id)
-            try:
-                won = await self._store.claim(
-                    dep.id, created=created, cull_timeout_ms=cull_timeout_ms, client=client
-                )
-            except BaseException:  # not known to have landed: the guard stops a second claim
-                self._claiming.discard(dep.id)
-                if self._view.get(dep.id, dep) == dep:
-                    self._note_pooled(dep)
-                    if dep.id in ready:
-                        ready.move_to_end(dep.id, last=False)
-                raise
-            self._claiming.discard(dep.id)
-            if won:
+            claim = Claim(created=created, cull_timeout_ms=cull_timeout_ms, client=client)
+            if await self._claim(dep, claim):
+                claimed = self._view.get(dep.id, dep).evolve(pooled=False, **asdict(claim))
                 self._remember(claimed)
                 return claimed
             current = await self._store.get(dep.id)  # another server's claim, or a delete
             if current is not None:
                 self._remember(current)
         return None
+
+    async def _claim(self, dep: Deployment, claim: Claim) -> bool:
+        """Write ``claim`` of ``dep``; True when it is the launch's (and ``dep`` has not ended
+        meanwhile, its app gone: then the launch takes the next one)."""
+        self._claiming.add(dep.id)
+        try:
+            won = await self._store.claim(
+                dep.id,
+                created=claim.created,
+                cull_timeout_ms=claim.cull_timeout_ms,
+                client=claim.client,
+            )
+        except BaseException:  # not known to have landed: the guard stops a second claim
+            self._claiming.discard(dep.id)
+            if self._view.get(dep.id, dep) == dep:
+                self._note_pooled(dep)
+                if dep.id in (ready := self._ready[dep.template]):
+                    ready.move_to_end(dep.id, last=False)  # first again
+            raise
+        self._claiming.discard(dep.id)
+        return won and not self._view.get(dep.id, dep).status.final
 
     def withdraw(self, dep: Deployment) -> bool:
         """Take pooled ``dep`` out of what launches may claim, before it is retired; False when
