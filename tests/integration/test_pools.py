@@ -1,19 +1,31 @@
 """Pools on the real server (local backend, real database and proxy): a pool fills with its
-instances started together, and concurrent launches on a pool never share an instance and keep
-the capacity limits exact."""
+instances started together, concurrent launches on a pool never share an instance and keep the
+capacity limits exact, and an answered claim survives kill -9 of the database and the server."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import EXAMPLE_COMMAND, DeployServer, Proxy, wait_for
+import pytest
+from harness import EXAMPLE_COMMAND, Database, DeployServer, Proxy, wait_for
 
 SLOW_START = 2.0
 """Seconds the slow template's app waits before it listens."""
+
+
+@pytest.fixture
+def own_db(tmp_path: Path) -> Iterator[Database]:
+    """A database of the test's own, to kill."""
+    workdir = tmp_path / "own-db"
+    workdir.mkdir()
+    db = Database(workdir).start()
+    yield db
+    db.stop()
 
 
 def _pool(deploy: DeployServer, template: str) -> dict[str, Any]:
@@ -34,15 +46,16 @@ def _ready(deploy: DeployServer, template: str, size: int) -> None:
     wait_for(lambda: _pool(deploy, template)["ready"] == size, timeout=60, what="a full pool")
 
 
-def _burst(deploy: DeployServer, runs: int, **headers: str) -> list[httpx.Response]:
+def _burst(
+    deploy: DeployServer, runs: int, template: str = "example", **headers: str
+) -> list[httpx.Response]:
+    url = f"/applications/{template}"
     with httpx.Client(base_url=deploy.url, timeout=30) as client, ThreadPoolExecutor(runs) as pool:
-        return list(
-            pool.map(lambda _: client.post("/applications/example", headers=headers), range(runs))
-        )
+        return list(pool.map(lambda _: client.post(url, headers=headers), range(runs)))
 
 
-def _users_active(deploy: DeployServer) -> int:
-    listed = httpx.get(f"{deploy.url}/applications/example", headers=deploy.auth).json()
+def _users_active(deploy: DeployServer, template: str = "example") -> int:
+    listed = httpx.get(f"{deploy.url}/applications/{template}", headers=deploy.auth).json()
     return sum(d["status"] in ("deploying", "deployed") for d in listed)
 
 
@@ -110,3 +123,29 @@ def test_concurrent_launches_on_a_pool_keep_the_server_limit_exact(
     # the pool takes what room the users left, and no more
     wait_for(lambda: total() == 5, timeout=30, what="the pool to take the room left")
     assert _users_active(deploy) == len(accepted)
+
+
+def test_an_answered_claim_survives_kill9_and_is_never_handed_out_again(
+    own_db: Database, deploy_factory: Callable[..., DeployServer], proxy: Proxy
+) -> None:
+    deploy = deploy_factory(db=own_db).start()
+    # a template of its own: a shipped one is written again from the config at each start
+    pooled = {"command": list(EXAMPLE_COMMAND), "port": 8888, "pool-size": 2}
+    put = httpx.put(f"{deploy.url}/templates/pooled", json=pooled, headers=deploy.auth)
+    assert put.status_code == 200, put.text
+    _ready(deploy, "pooled", 2)
+    answer = httpx.post(f"{deploy.url}/applications/pooled", timeout=10).json()
+    assert answer["status"] == "deployed"
+    mine = answer["id"]
+    own_db.kill9()  # an instant after the answer
+    own_db.start()
+    deploy.kill9()
+    deploy.start()
+    after = deploy.status(mine, "pooled")
+    assert after.get("status") == "deployed", f"the claim was lost: {after}"
+    assert proxy.get(f"/user/{mine}/").status_code == 200
+    _ready(deploy, "pooled", 2)  # refilled; the claimed one is not among the pool's
+    later = [r.json() for r in _burst(deploy, 2, "pooled")]
+    assert [d["status"] for d in later] == ["deployed", "deployed"]
+    assert mine not in {d["id"] for d in later}, "a claimed instance was handed out again"
+    assert _users_active(deploy, "pooled") == 3
