@@ -118,18 +118,19 @@ class FakeStore:
         ]
         return out[:limit] if limit else out
 
-    async def claim_pooled(
-        self, template: str, *, created: datetime, cull_timeout_ms: int, client: str | None
-    ) -> Deployment | None:
+    async def claim(
+        self, dep_id: str, *, created: datetime, cull_timeout_ms: int, client: str | None
+    ) -> bool:
         self._check()
-        ready = await self.find(template=template, statuses=[Status.DEPLOYED], pooled=True)
-        if not ready:
-            return None
-        first = min(ready, key=lambda d: d.deployed_at or d.created)
-        self.deps[first.id] = replace(
-            first, pooled=False, created=created, cull_timeout_ms=cull_timeout_ms, client=client
-        )
-        return self.deps[first.id]
+        dep = self.deps.get(dep_id)
+        claim = {"created": created, "cull_timeout_ms": cull_timeout_ms, "client": client}
+        if dep is None:
+            return False
+        if dep.pooled and dep.status is Status.DEPLOYED:
+            self.deps[dep_id] = replace(dep, pooled=False, **claim)
+            return True
+        # claimed already: by this very claim (a retried write), or by another
+        return not dep.pooled and all(getattr(dep, k) == v for k, v in claim.items())
 
     async def put_template(self, template: Template) -> None:
         self._check()

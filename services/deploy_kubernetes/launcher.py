@@ -68,8 +68,7 @@ class Launcher:
                 self._metrics.launch_latency.labels(pooled="true").observe(
                     time.monotonic() - started
                 )
-                logger.bind(id=claimed.id, template=template.name).info("launched from the pool")
-                return claimed
+                return claimed  # the launch's log line (the route's) says it came from the pool
         return await self._start(
             template, cull_timeout_ms=cull, client=client, limit=template.max_deployments
         )

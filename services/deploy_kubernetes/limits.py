@@ -4,7 +4,10 @@ A client is the address the request came from, or, when that address is a truste
 right-most address of ``X-Forwarded-For`` that is not a trusted proxy (the left part of the header
 is whatever the client chose to send). Requests with the API key are not limited.
 
-The launch rate uses the ``limits`` library's moving window in memory. The count of deployments
+The launch rate is a moving window kept here (:class:`MovingWindow`) rather than the ``limits``
+library's: its in-memory storage starts a timer thread on a hit when its last one has ended, and
+on a busy machine that start took 0.25 ms at the median and up to 5 ms, on every launch that came
+more than 10 ms after the one before (measured). The count of deployments
 is exact under concurrency: :meth:`ClientLimits.reserve` checks and takes a slot in one step
 (no await in between), the slot is bound to the deployment's id once it exists, and it is given
 back when that deployment reaches a final status. At start the counts are seeded from the store's
@@ -16,13 +19,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from limits import RateLimitItemPerMinute
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.requests import Request
@@ -41,6 +41,40 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(text.strip())
     except ValueError:
         return None
+
+
+class MovingWindow:
+    """At most ``amount`` events of each key in any ``seconds``: the times of each key's last
+    ``amount`` events, oldest first; keys with no event in the window are forgotten."""
+
+    def __init__(
+        self, *, amount: int, seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.amount = amount
+        self.seconds = seconds
+        self._clock = clock
+        self._events: OrderedDict[str, deque[float]] = OrderedDict()
+        """Per key, least recently hit first."""
+
+    def hit(self, key: str) -> float:
+        """Count an event of ``key`` and return 0; or, when its window is full, count nothing and
+        return the seconds until it has room."""
+        now = self._clock()
+        while self._events:  # forget keys whose last event has left the window
+            oldest = next(iter(self._events.values()))
+            if oldest[-1] > now - self.seconds:
+                break
+            self._events.popitem(last=False)
+        events = self._events.setdefault(key, deque(maxlen=self.amount))
+        self._events.move_to_end(key)
+        if len(events) == self.amount and events[0] > now - self.seconds:
+            return events[0] + self.seconds - now
+        events.append(now)
+        return 0.0
+
+    def keys(self) -> int:
+        """How many keys are remembered (those with an event in the window)."""
+        return len(self._events)
 
 
 @dataclass
@@ -73,8 +107,7 @@ class ClientLimits:
         trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.max_deployments = max_deployments
-        self._rate = RateLimitItemPerMinute(launches_per_minute)
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._launches = MovingWindow(amount=launches_per_minute, seconds=60.0)
         self._trusted: tuple[Network, ...] = tuple(
             ipaddress.ip_network(p, strict=False) for p in trusted_proxies
         )
@@ -110,13 +143,13 @@ class ClientLimits:
                 f"{self.max_deployments} deployments; delete one or retry later",
                 headers={"Retry-After": "60"},
             )
-        if not self._limiter.hit(self._rate, client):
+        full_for = self._launches.hit(client)
+        if full_for:
             self.refused["per_client_launches_per_minute"] += 1
-            reset = self._limiter.get_window_stats(self._rate, client).reset_time
-            wait = max(1, math.ceil(reset - time.time()))
+            wait = max(1, math.ceil(full_for))
             raise RateLimitedError(
                 f"per_client_launches_per_minute: this client started its maximum of "
-                f"{self._rate.amount} launches in a minute; retry in {wait} s",
+                f"{self._launches.amount} launches in a minute; retry in {wait} s",
                 headers={"Retry-After": str(wait)},
             )
         self._held[client] += 1

@@ -77,8 +77,10 @@ DEP = _param("id", ID)
 def openapi_document() -> dict[str, Any]:
     deployment = _json(_ref("Deployment"), "The deployment")
     launched = _json(
-        {"type": "object", "required": ["id"], "properties": {"id": ID}},
-        "Accepted; the launch goes on in the background",
+        _ref("Deployment"),
+        "Accepted: the new deployment, `deploying` while its launch goes on in the background "
+        "(follow it on its events stream), or, taken from the template's pool, `deployed` "
+        "already with its `location` and `url`",
     )
     launch_errors = (404, 413, 422, 429, 503)
     template = _json(_ref("Template"), "The template")

@@ -1,5 +1,6 @@
 """Pre-launched pools: ``pool-size`` instances of a template wait deployed, so that a launch
-takes one at once; the pool refills in the background, its missing instances started together."""
+takes one at once (:meth:`Records.claim_pooled`); the pool refills in the background, its missing
+instances started together, as many as the server has room for."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from services.deploy_kubernetes.ending import Ender
 from services.deploy_kubernetes.errors import BinderError
 from services.deploy_kubernetes.launcher import Launcher
 from services.deploy_kubernetes.metrics import Metrics
-from services.deploy_kubernetes.models import Deployment, Status
+from services.deploy_kubernetes.models import Deployment, Status, Template
 from services.deploy_kubernetes.records import Records
 from services.deploy_kubernetes.store import ACTIVE
 
@@ -35,6 +36,8 @@ class Pools:
         self._ender = ender
         self._metrics = metrics
         self._changed = changed
+        self._refilling = asyncio.Lock()
+        """One refill at a time (the loop's and a resize's), so none starts an instance twice."""
 
     async def state(self, template_name: str) -> dict[str, object]:
         template = self._catalog.get(template_name)
@@ -64,19 +67,34 @@ class Pools:
             self._changed.clear()
 
     async def refill_once(self) -> None:
+        async with self._refilling:
+            await self._refill()
+
+    async def _refill(self) -> None:
         pooled = await self._records.find(pooled=True, statuses=ACTIVE)
         by_template: dict[str, list[Deployment]] = {}
         for dep in pooled:
             by_template.setdefault(dep.template, []).append(dep)
+        missing: list[Template] = []
         for template in self._catalog.all():
             have = by_template.pop(template.name, [])
             ready = sum(1 for p in have if p.status is Status.DEPLOYED)
             self._metrics.pooled.labels(template=template.name).set(ready)
-            for _ in range(template.pool_size - len(have)):
-                if not await self._launcher.launch_pooled(template):
-                    break
-            for dep in have[template.pool_size :]:  # the pool shrank
-                await self._ender.delete(dep, "retired from the pool")
+            missing += [template] * (template.pool_size - len(have))
+            await self._retire(have[template.pool_size :])  # the pool shrank
         for deps in by_template.values():  # templates that were removed
-            for dep in deps:
+            await self._retire(deps)
+        async with anyio.create_task_group() as tasks:  # all at once, as room allows
+            for template in missing:
+                tasks.start_soon(self._start, template)
+
+    async def _start(self, template: Template) -> None:
+        try:
+            await self._launcher.launch_pooled(template)
+        except BinderError as exc:  # the next round tries again
+            logger.bind(template=template.name).warning("pool start skipped: {}", exc.message)
+
+    async def _retire(self, deps: list[Deployment]) -> None:
+        for dep in deps:
+            if self._records.withdraw(dep):  # not if a launch has just claimed it
                 await self._ender.delete(dep, "retired from the pool")

@@ -6,6 +6,10 @@ only then shown, counted and told to watchers. Capacity is kept here too: the ac
 (total and per template) are counted in memory, seeded from the records at start, and a launch
 reserves its slot in one step with no database round trip in between, so concurrent launches
 are not serialised and the limits stay exact.
+
+The ready pooled instances are kept here too, per template, oldest first: a launch picks one
+from memory (no other local launch can pick it after) and claims it with one guarded write
+that tells whether it got it, so a pooled launch costs one database round trip.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from loguru import logger
@@ -45,6 +49,15 @@ class Progress:
 Update = Deployment | Progress
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What a launch sets on the pooled instance it takes."""
+
+    created: datetime
+    cull_timeout_ms: int
+    client: str | None
+
+
 class Records:
     def __init__(
         self,
@@ -64,6 +77,12 @@ class Records:
         """Active (deploying or deployed, pooled too) deployment ids and their templates."""
         self._watchers: dict[str, set[asyncio.Queue[Update]]] = {}
         self._progress: dict[str, deque[Progress]] = {}
+        self._ready: dict[str, OrderedDict[str, Deployment]] = {}
+        """Ready (pooled, deployed) instances a launch may claim, per template, oldest first."""
+        self._claiming: set[str] = set()
+        """Pooled instances whose claim is being written."""
+        self._withdrawn: set[str] = set()
+        """Pooled instances being retired: never claimable again."""
 
     async def open(self) -> list[Deployment]:
         """Connect, and count what is active; returns the active records (for reconcile)."""
@@ -92,6 +111,7 @@ class Records:
             self._view.popitem(last=False)
         if dep.status is not Status.DEPLOYING:
             self._progress.pop(dep.id, None)
+        self._note_pooled(dep)
         if dep.status.final:
             self._active.pop(dep.id, None)
             if self._on_end is not None:
@@ -206,15 +226,66 @@ class Records:
             self._remember(dep)
         return dep
 
+    # --- the pools ----------------------------------------------------------------------------
+
+    def _note_pooled(self, dep: Deployment) -> None:
+        ready = self._ready.setdefault(dep.template, OrderedDict())
+        claimable = dep.pooled and dep.status is Status.DEPLOYED
+        if claimable and dep.id not in self._withdrawn and dep.id not in self._claiming:
+            ready[dep.id] = dep  # a known one keeps its place
+        else:
+            ready.pop(dep.id, None)
+        if dep.status.final:
+            self._withdrawn.discard(dep.id)
+
     async def claim_pooled(
         self, template: str, *, created: datetime, cull_timeout_ms: int, client: str | None
     ) -> Deployment | None:
-        dep = await self._store.claim_pooled(
-            template, created=created, cull_timeout_ms=cull_timeout_ms, client=client
-        )
-        if dep is not None:
-            self._remember(dep)
-        return dep
+        """Hand the oldest ready pooled instance of ``template`` to a user, durably, in one
+        write; None when none is ready."""
+        ready = self._ready.get(template)
+        while ready:
+            _, dep = ready.popitem(last=False)  # no other launch of this process picks it now
+            claim = Claim(created=created, cull_timeout_ms=cull_timeout_ms, client=client)
+            if await self._claim(dep, claim):
+                claimed = self._view.get(dep.id, dep).evolve(pooled=False, **asdict(claim))
+                self._remember(claimed)
+                return claimed
+            current = await self._store.get(dep.id)  # another server's claim, or a delete
+            if current is not None:
+                self._remember(current)
+        return None
+
+    async def _claim(self, dep: Deployment, claim: Claim) -> bool:
+        """Write ``claim`` of ``dep``; True when it is the launch's (and ``dep`` has not ended
+        meanwhile, its app gone: then the launch takes the next one)."""
+        self._claiming.add(dep.id)
+        try:
+            won = await self._store.claim(
+                dep.id,
+                created=claim.created,
+                cull_timeout_ms=claim.cull_timeout_ms,
+                client=claim.client,
+            )
+        except BaseException:  # not known to have landed: the guard stops a second claim
+            self._claiming.discard(dep.id)
+            if self._view.get(dep.id, dep) == dep:
+                self._note_pooled(dep)
+                if dep.id in (ready := self._ready[dep.template]):
+                    ready.move_to_end(dep.id, last=False)  # first again
+            raise
+        self._claiming.discard(dep.id)
+        return won and not self._view.get(dep.id, dep).status.final
+
+    def withdraw(self, dep: Deployment) -> bool:
+        """Take pooled ``dep`` out of what launches may claim, before it is retired; False when
+        a launch has claimed it (or is claiming it) already."""
+        current = self._view.get(dep.id, dep)
+        if not current.pooled or current.status.final or dep.id in self._claiming:
+            return False
+        self._withdrawn.add(dep.id)
+        self._ready.get(dep.template, OrderedDict()).pop(dep.id, None)
+        return True
 
     # --- watchers -----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from loguru import logger
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -16,7 +17,13 @@ from common.web import has_key, metrics_response, read_json_object, require_key
 from services.deploy_kubernetes.answers import StatusAnswers
 from services.deploy_kubernetes.errors import MalformedRequestError
 from services.deploy_kubernetes.limits import KEY_CLIENT, ClientLimits
-from services.deploy_kubernetes.models import Status, check_name, parse_cull_timeout, parse_template
+from services.deploy_kubernetes.models import (
+    Deployment,
+    Status,
+    check_name,
+    parse_cull_timeout,
+    parse_template,
+)
 from services.deploy_kubernetes.openapi import openapi_document
 from services.deploy_kubernetes.records import Progress, Update
 from services.deploy_kubernetes.service import Service
@@ -89,8 +96,14 @@ async def launch(request: Request) -> Response:
     if reservation is not None:
         reservation.bind(dep.id)
     request.state.deployment_id = dep.id
-    logger.bind(id=dep.id, template=template).info("launched by {}", _who(request))
-    return JSONResponse({"id": dep.id})
+    # a pooled launch is ``deployed`` with its url already; it is logged once that is sent
+    said = BackgroundTask(_log_launch, dep, _who(request))
+    return JSONResponse(dep.to_api(), background=said)
+
+
+async def _log_launch(dep: Deployment, who: str) -> None:
+    pooled = " from the pool" if dep.status is Status.DEPLOYED else ""
+    logger.bind(id=dep.id, template=dep.template).info("launched{} by {}", pooled, who)
 
 
 async def status(request: Request) -> Response:

@@ -8,7 +8,8 @@ Compare-and-set moves are an ``update_one`` guarded by the status, rather than o
 ``find_one_and_update``: the embedded server scans the whole collection for the latter (measured:
 31 ms of its CPU per move over 3,200 records, against 1.4 ms for ``update_one`` and ``find_one``).
 When the caller knows the record as last written (the one owner of deployment state does), a move
-that matched needs no read back: the record is the known one with the change applied.
+that matched needs no read back: the record is the known one with the change applied. A pooled
+claim is one guarded ``update_one`` alone, for the same reason.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ from services.deploy_kubernetes.models import (
 P = ParamSpec("P")
 R = TypeVar("R")
 ACTIVE = (Status.DEPLOYING, Status.DEPLOYED)
-CLAIM_TRIES = 8
-"""Pooled instances a claim tries, oldest first, before it gives up (others took them)."""
 
 
 @dataclass(frozen=True)
@@ -88,10 +87,13 @@ class Store(Protocol):
         pooled: bool | None = False,
         limit: int = 0,
     ) -> list[Deployment]: ...
-    async def claim_pooled(
-        self, template: str, *, created: datetime, cull_timeout_ms: int, client: str | None
-    ) -> Deployment | None:
-        """Hand the oldest ready pooled instance of ``template`` to a user, atomically."""
+    async def claim(
+        self, dep_id: str, *, created: datetime, cull_timeout_ms: int, client: str | None
+    ) -> bool:
+        """Hand pooled instance ``dep_id`` to a user if it is still pooled and ``deployed``,
+        atomically: it stops being pooled and takes the launch's ``created``, cull timeout and
+        client. True when this claim got it (a retried write of it that landed counts); False
+        when it is missing, not ready, or another claim or a delete was first."""
 
     async def put_template(self, template: Template) -> None: ...
     async def get_template(self, name: str) -> Template | None: ...
@@ -196,20 +198,17 @@ class MongoStore:
         return [Deployment.from_doc(doc) async for doc in cursor]
 
     @_translated
-    async def claim_pooled(
-        self, template: str, *, created: datetime, cull_timeout_ms: int, client: str | None
-    ) -> Deployment | None:
-        ready = {"template": template, "pooled": True, "status": Status.DEPLOYED.value}
+    async def claim(
+        self, dep_id: str, *, created: datetime, cull_timeout_ms: int, client: str | None
+    ) -> bool:
         claim = {"created": created, "cull_timeout_ms": cull_timeout_ms, "client": client}
-        candidates = self._deps.find(ready, {"_id": 0, "id": 1}).sort("deployed_at", ASCENDING)
-        async for candidate in candidates.limit(CLAIM_TRIES):
-            done = await self._deps.update_one(
-                {**ready, "id": candidate["id"]}, {"$set": {**claim, "pooled": False}}
-            )
-            if done.modified_count:  # this one is ours; another launch may have had the first
-                doc = await self._deps.find_one({"id": candidate["id"]}, {"_id": 0})
-                return Deployment.from_doc(doc) if doc else None
-        return None
+        ready = {"id": dep_id, "pooled": True, "status": Status.DEPLOYED.value}
+        done = await self._deps.update_one(ready, {"$set": {**claim, "pooled": False}})
+        if done.modified_count:
+            return True
+        # lost, or won by an earlier try of this very write whose answer was lost
+        doc = await self._deps.find_one({"id": dep_id, "pooled": False, **claim}, {"_id": 0})
+        return doc is not None
 
     @_translated
     async def put_template(self, template: Template) -> None:

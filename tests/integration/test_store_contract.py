@@ -21,7 +21,7 @@ from services.deploy_kubernetes.models import (
     now,
     parse_template,
 )
-from services.deploy_kubernetes.store import Change, MongoStore, Store
+from services.deploy_kubernetes.store import ACTIVE, Change, MongoStore, Store
 
 pytestmark = pytest.mark.integration
 
@@ -169,27 +169,50 @@ def test_find_filters_and_orders_by_creation(make_store: Callable[[], Store]) ->
     run(make_store, case)
 
 
-def test_claim_pooled_hands_out_each_instance_once(make_store: Callable[[], Store]) -> None:
+def test_claim_hands_a_ready_pooled_instance_out_once(make_store: Callable[[], Store]) -> None:
     async def case(store: Store) -> None:
-        ready = [_dep("web", pooled=True, status=Status.DEPLOYED, age=a) for a in (3, 2)]
+        ready = _dep("web", pooled=True, status=Status.DEPLOYED, age=3)
         starting = _dep("web", pooled=True)
-        for dep in (*ready, starting):
+        gone = _dep("web", pooled=True, status=Status.DEPLOYED)
+        for dep in (ready, starting, gone):
             await store.insert(dep)
-        claims: list[Deployment | None] = []
+        await store.move(gone.id, Status.DELETED, Change(reason="retired"))
+        clients = [f"10.0.0.{n}" for n in range(5)]
+        won: list[str] = []
 
-        async def claim() -> None:
-            claims.append(
-                await store.claim_pooled("web", created=now(), cull_timeout_ms=5, client="10.0.0.9")
-            )
+        async def claim(client: str) -> None:
+            if await store.claim(ready.id, created=now(), cull_timeout_ms=5, client=client):
+                won.append(client)
 
         async with anyio.create_task_group() as tg:
-            for _ in range(3):
-                tg.start_soon(claim)
-        got = [c for c in claims if c is not None]
-        assert sorted(c.id for c in got) == sorted(d.id for d in ready)
-        assert all(not c.pooled and c.cull_timeout_ms == 5 for c in got)
-        assert all(c.client == "10.0.0.9" for c in got)
-        assert claims.count(None) == 1
+            for client in clients:
+                tg.start_soon(claim, client)
+        assert len(won) == 1, "two claims got the same instance"
+        got = await store.get(ready.id)
+        assert got is not None
+        assert (got.pooled, got.status, got.cull_timeout_ms, got.client) == (
+            False,
+            Status.DEPLOYED,
+            5,
+            won[0],
+        )
+        for not_ready in (starting.id, gone.id, new_id()):
+            assert not await store.claim(not_ready, created=now(), cull_timeout_ms=5, client="a")
+        assert [d.id for d in await store.find(pooled=True, statuses=ACTIVE)] == [starting.id]
+
+    run(make_store, case)
+
+
+def test_claim_retried_after_it_landed_is_a_success(make_store: Callable[[], Store]) -> None:
+    """A claim whose answer was lost is written again by the driver: it is still this claim's."""
+
+    async def case(store: Store) -> None:
+        dep = _dep("web", pooled=True, status=Status.DEPLOYED)
+        await store.insert(dep)
+        when = now()
+        for _ in range(2):
+            assert await store.claim(dep.id, created=when, cull_timeout_ms=7, client="10.0.0.1")
+        assert not await store.claim(dep.id, created=now(), cull_timeout_ms=7, client="10.0.0.2")
 
     run(make_store, case)
 

@@ -9,7 +9,7 @@ from starlette.requests import Request
 
 from common.web import check_json_depth
 from services.deploy_kubernetes.errors import MalformedRequestError, RateLimitedError
-from services.deploy_kubernetes.limits import KEY_CLIENT, ClientLimits
+from services.deploy_kubernetes.limits import KEY_CLIENT, ClientLimits, MovingWindow
 from services.deploy_kubernetes.models import Deployment, Status
 
 
@@ -78,6 +78,23 @@ def test_launches_per_minute_name_their_limit_and_when_to_retry() -> None:
         limits.reserve("a")
     assert 0 < int(refused.value.headers["Retry-After"]) <= 60
     limits.reserve("b").bind("other")
+
+
+def test_launch_window_moves_and_forgets_clients_gone_quiet() -> None:
+    clock = [0.0]
+    window = MovingWindow(amount=2, seconds=10.0, clock=lambda: clock[0])
+    assert window.hit("a") == 0.0
+    clock[0] = 4.0
+    assert window.hit("a") == 0.0
+    clock[0] = 6.0
+    assert window.hit("a") == pytest.approx(4.0)  # full until the first launch is 10 s old
+    assert window.hit("b") == 0.0  # another client has its own window
+    clock[0] = 10.5
+    assert window.hit("a") == 0.0  # the launch at 0 has left the window: room for one
+    assert window.hit("a") == pytest.approx(3.5)  # the refused one at 6 took no room
+    clock[0] = 30.0
+    assert window.hit("c") == 0.0
+    assert window.keys() == 1, "clients with no launch in the window are forgotten"
 
 
 def test_seeding_counts_active_records_once_and_never_the_key_holders() -> None:

@@ -1,6 +1,7 @@
 """Records: a launch whose insert landed but answered a duplicate key (the driver retried a write
 whose answer was lost) is the launch's own record, not a conflict; a write answered late never
-takes the view of a record back."""
+takes the view of a record back; pooled instances are handed out once each, from memory, with one
+write."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import anyio
 import pytest
 from fakes import FakeStore
 
-from services.deploy_kubernetes.errors import ConflictError
+from services.deploy_kubernetes.errors import BadDatabaseError, ConflictError
 from services.deploy_kubernetes.metrics import Metrics
 from services.deploy_kubernetes.models import Deployment, Status, new_id, now
 from services.deploy_kubernetes.records import Records
@@ -88,5 +89,94 @@ def test_a_write_answered_after_a_delete_never_shows_the_record_alive_again(late
         assert shown.status is Status.DELETED
         assert records.active_count() == 0
         assert answer is None or answer.status is Status.DELETED
+
+
+def _pooled(*, ready: bool = True) -> Deployment:
+    return _dep().evolve(
+        status=Status.DEPLOYED if ready else Status.DEPLOYING,
+        pooled=True,
+        deployed_at=now() if ready else None,
+    )
+
+
+async def _records_over(*deps: Deployment) -> tuple[FakeStore, Records]:
+    store = FakeStore()
+    for dep in deps:
+        await store.insert(dep)
+    records = Records(store=store, metrics=Metrics(), max_deployments=10)
+    await records.open()
+    return store, records
+
+
+async def _claim(records: Records, client: str = "10.0.0.1") -> Deployment | None:
+    return await records.claim_pooled("t", created=now(), cull_timeout_ms=9, client=client)
+
+
+def test_concurrent_claims_hand_each_ready_instance_out_once() -> None:
+    async def main() -> None:
+        ready = [_pooled(), _pooled()]
+        store, records = await _records_over(*ready, _pooled(ready=False))
+        got: list[Deployment | None] = []
+
+        async def claim(n: int) -> None:
+            got.append(await _claim(records, f"10.0.0.{n}"))
+
+        async with anyio.create_task_group() as tasks:
+            for n in range(3):
+                tasks.start_soon(claim, n)
+        claimed = [d for d in got if d is not None]
+        assert sorted(d.id for d in claimed) == sorted(d.id for d in ready)
+        assert got.count(None) == 1, "an instance still starting is not handed out"
+        for dep in claimed:  # what the launch answers is what the database holds
+            assert store.deps[dep.id] == dep
+            assert (dep.pooled, dep.cull_timeout_ms) == (False, 9)
+        assert records.active_count() == 3, "a claim takes no more room"
+
+    anyio.run(main)
+
+
+def test_a_claim_lost_to_another_server_takes_the_next_instance() -> None:
+    async def main() -> None:
+        first, second = _pooled(), _pooled()
+        store, records = await _records_over(first, second)
+        store.deps[first.id] = first.evolve(pooled=False, client="elsewhere")
+        got = await _claim(records)
+        assert got is not None
+        assert got.id == second.id
+        seen = records.cached(first.id)
+        assert seen is not None
+        assert seen.client == "elsewhere", "the view learns of the other claim"
+        assert await _claim(records) is None
+
+    anyio.run(main)
+
+
+def test_a_claim_that_could_not_be_written_leaves_the_instance_claimable() -> None:
+    async def main() -> None:
+        dep = _pooled()
+        store, records = await _records_over(dep)
+        store.down = True
+        with pytest.raises(BadDatabaseError):
+            await _claim(records)
+        store.down = False
+        got = await _claim(records)
+        assert got is not None
+        assert got.id == dep.id
+
+    anyio.run(main)
+
+
+def test_an_instance_withdrawn_for_retirement_is_never_claimed() -> None:
+    async def main() -> None:
+        kept, retired, starting = _pooled(), _pooled(), _pooled(ready=False)
+        _, records = await _records_over(kept, retired, starting)
+        assert records.withdraw(retired)
+        assert records.withdraw(starting)
+        await records.move(starting, Status.DEPLOYED, Change(deployed_at=now()))
+        got = await _claim(records)
+        assert got is not None
+        assert got.id == kept.id
+        assert await _claim(records) is None, "withdrawn: neither the ready one nor the new one"
+        assert not records.withdraw(got), "a claimed instance is a user's, not the pool's"
 
     anyio.run(main)
