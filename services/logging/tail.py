@@ -100,7 +100,7 @@ class Tailer:
         store: LogStore,
         sink: Sink,
         skip: tuple[str, ...] = (),
-        settle_seconds: float = 0.1,
+        settle_seconds: float = 0.25,
         rescan_seconds: float = 30.0,
     ) -> None:
         self.logs_dir = logs_dir
@@ -108,7 +108,8 @@ class Tailer:
         self.sink = sink
         self.skip = skip
         self.settle = settle_seconds
-        """How long writes are let gather after a change, so a burst is read as one chunk."""
+        """How long writes are let gather after a change, so that a burst of writes (50 apps
+        starting) is read in as few chunks, and database writes, as the former 0.25 s poll."""
         self.rescan = rescan_seconds
         self._files: dict[str, Followed] = {}
 
