@@ -3,10 +3,11 @@ end through a pidfd, and spawning apps without copying the server (``posix_spawn
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 from pathlib import Path
+
+import anyio
 
 
 def start_time(pid: int) -> int | None:
@@ -53,25 +54,18 @@ def session_leaders_with(name: str, value: str) -> dict[int, dict[str, str]]:
     return out
 
 
-async def exited(pid: int) -> None:
-    """Return once process ``pid`` has ended (at once when it is gone). The kernel says so
-    through a pidfd that the event loop watches: nothing polls, whoever the process's parent is."""
+async def exited(pid: int, *, started: int | None = None) -> None:
+    """Return once process ``pid`` has ended (at once when it is gone, or when ``started`` is
+    given and the pid now belongs to a later process). The kernel says so through a pidfd that
+    the event loop watches: nothing polls, whoever the process's parent is."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
-    loop = asyncio.get_running_loop()
-    ended: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not ended.done():
-            ended.set_result(None)
-
-    loop.add_reader(fd, readable)
     try:
-        await ended
+        if started is None or start_time(pid) == started:
+            await anyio.wait_readable(fd)
     finally:
-        loop.remove_reader(fd)
         os.close(fd)
 
 

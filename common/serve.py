@@ -10,6 +10,7 @@ from pathlib import Path
 import uvicorn
 from starlette.applications import Starlette
 
+from common import quiet_server
 from common.edge import edge_protocol
 from common.errors import BinderError
 from common.settings import HttpSettings, Settings, load_settings
@@ -23,7 +24,7 @@ def serve(
     The edge ``limits`` bound every connection (see :mod:`common.edge`). ``X-Forwarded-For`` is
     not believed here: uvicorn would believe it from loopback, and the deploy API decides which
     proxies it trusts itself."""
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -35,6 +36,7 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=grace_seconds,
     )
+    quiet_server.run(config)
 
 
 def service_parser(prog: str, description: str | None) -> argparse.ArgumentParser:

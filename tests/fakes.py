@@ -40,6 +40,8 @@ class FakeStore:
         """Set when a paused write has landed."""
         self.retried_inserts = 0
         """Inserts that land, then answer a duplicate key (a driver's retry of a lost answer)."""
+        self.full_reads = 0
+        """Reads of every active deployment, pooled or not (what the keeper reads)."""
 
     async def _answer(self) -> None:
         if self.paused is not None:
@@ -108,6 +110,7 @@ class FakeStore:
         limit: int = 0,
     ) -> list[Deployment]:
         self._check()
+        self.full_reads += pooled is None and template is None
         wanted = None if statuses is None else set(statuses)
         out = [
             d

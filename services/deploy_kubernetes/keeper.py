@@ -4,7 +4,12 @@ deployed apps back after a proxy restart, fails launches that hang, and sets the
 
 The proxy keeps routes in memory only. The keeper learns of its restart without listing every
 route: it keeps one sentinel route of its own there and asks for that one alone each time; when
-it is gone, the proxy has started afresh, and the routes are listed and put back once."""
+it is gone, the proxy has started afresh, and the routes are listed and put back once.
+
+Those three looks are cheap and made every round. The deployments themselves (the gauges, hung
+launches) are read every few rounds only, and at once when the proxy's routes must be put back:
+the gauges are scraped far less often than that, and a launch counts as hung only long after its
+own timeout."""
 
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from services.deploy_kubernetes.records import Records
 from services.deploy_kubernetes.store import ACTIVE
 
 CHECK_DEADLINE_SECONDS = 1.5
+SWEEP_EVERY_ROUNDS = 5
+"""Rounds between two reads of the active deployments (gauges, hung launches)."""
 SENTINEL_ROUTE = "/_binder-keeper"
 SENTINEL_TARGET = "http://127.0.0.1:9"
 """Where the sentinel route points: nothing listens there (the discard port)."""
@@ -54,6 +61,7 @@ class Keeper:
         self._checked: dict[str, float] = {}
         self._proxy_fresh = True
         """True until the routes of deployed apps are known to be in the proxy."""
+        self._rounds = 0
 
     def health(self) -> dict[str, str]:
         """Each dependency's last word; ``stale`` when no look has finished for too long."""
@@ -82,17 +90,25 @@ class Keeper:
         await self._probe("backend", self._backend.ping)
         if self._healthy["database"] != "ok":
             return
+        restore = self._healthy["proxy"] == "ok" and self._proxy_fresh
+        self._rounds += 1
         try:
             with anyio.fail_after(10 * CHECK_DEADLINE_SECONDS):
                 await self._ender.flush()
-                active = await self._records.find(statuses=ACTIVE, pooled=None)
-                self._set_gauges(active)
-                if self._healthy["proxy"] == "ok" and self._proxy_fresh:
-                    await self._restore_routes(active)
-                    self._proxy_fresh = False
-                await self._fail_hung(active)
+                if restore or self._rounds >= SWEEP_EVERY_ROUNDS:
+                    self._rounds = 0
+                    await self._sweep(restore=restore)
         except (BinderError, TimeoutError) as exc:
             logger.warning("keeper check incomplete: {}", getattr(exc, "message", "timed out"))
+
+    async def _sweep(self, *, restore: bool) -> None:
+        """Read the active deployments: gauges, routes put back, hung launches failed."""
+        active = await self._records.find(statuses=ACTIVE, pooled=None)
+        self._set_gauges(active)
+        if restore:
+            await self._restore_routes(active)
+            self._proxy_fresh = False
+        await self._fail_hung(active)
 
     async def _probe(self, name: str, call: Callable[[], Awaitable[None]]) -> None:
         try:

@@ -33,6 +33,8 @@ from services.logging.tail import Tailer
 
 MAX_LIMIT = 1000
 STREAM_QUEUE = 10_000
+DB_LOOK_EVERY_SECONDS = 1.0
+DB_LOOK_DEADLINE_SECONDS = 1.5
 
 
 class Aggregator:
@@ -41,7 +43,6 @@ class Aggregator:
         *,
         store: LogStore,
         settings: Settings,
-        tail_interval: float = 0.25,
         retention_interval: float = 60.0,
     ) -> None:
         self.store = store
@@ -63,10 +64,11 @@ class Aggregator:
             store=store,
             sink=self.publish,
             skip=skip,
-            interval=tail_interval,
         )
         self.retention_interval = retention_interval
         self.healthy = "unknown"
+        self._opened = False
+        self._looked = -DB_LOOK_EVERY_SECONDS
         self._background = Supervisor()
 
     async def publish(self, records: list[dict[str, Any]]) -> None:
@@ -88,22 +90,24 @@ class Aggregator:
                 logger.warning("waiting for the database: {}", exc.message)
                 await anyio.sleep(1.0)
         self.healthy = "ok"
+        self._opened = True
         self._background.run("tailing", self.tailer.run)
         self._background.run("retention", self._retention)
-        self._background.run("health", self._watch_health)
 
-    def health(self) -> dict[str, str]:
-        """The database's last word and each supervised loop's state."""
-        return {"database": self.healthy, **self._background.health()}
-
-    async def _watch_health(self) -> None:
-        while True:
-            await anyio.sleep(1.0)
+    async def health(self) -> dict[str, str]:
+        """The database's word and each supervised loop's state. The database is asked when
+        health is asked (at most once a second, bounded by a deadline), not on a timer."""
+        if self._opened and time.monotonic() - self._looked >= DB_LOOK_EVERY_SECONDS:
+            self._looked = time.monotonic()
             try:
-                await self.store.ping()
+                with anyio.fail_after(DB_LOOK_DEADLINE_SECONDS):
+                    await self.store.ping()
                 self.healthy = "ok"
             except BinderError as exc:
                 self.healthy = exc.message
+            except TimeoutError:
+                self.healthy = f"no answer within {DB_LOOK_DEADLINE_SECONDS:g} s"
+        return {"database": self.healthy, **self._background.health()}
 
     async def _retention(self) -> None:
         await repeat(self.apply_retention, every=self.retention_interval, what="retention")
@@ -213,7 +217,7 @@ async def stream(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    checks = _agg(request).health()
+    checks = await _agg(request).health()
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503
@@ -228,14 +232,12 @@ def create_app(
     settings: Settings,
     *,
     store: LogStore | None = None,
-    tail_interval: float = 0.25,
 ) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         agg = Aggregator(
             store=store or LogStore(uri=settings.db.effective_uri, database=settings.db.database),
             settings=settings,
-            tail_interval=tail_interval,
             retention_interval=settings.logging.retention_check_seconds,
         )
         await agg.start()

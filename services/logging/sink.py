@@ -1,7 +1,8 @@
 """A loguru sink that ships records to the log aggregator without ever blocking the caller.
 
 Records go into a bounded buffer; a daemon thread posts them in batches to ``POST /logs`` with the
-aggregator's bearer token, retrying while the aggregator is down. Each record carries a unique
+aggregator's bearer token, retrying while the aggregator is down. The thread sleeps while nothing
+is logged; a record wakes it, and what arrives within ``FLUSH_SECONDS`` goes in the same batch. Each record carries a unique
 ``rid`` so that a batch sent twice (an answer lost in a restart) is stored once. Nothing is lost
 silently: a batch answered 413 (too large) is split in halves and sent again; a single record too
 large to store, records the aggregator refuses (4xx, a wrong token too), and the oldest records
@@ -39,6 +40,9 @@ class AggregatorSink:
         self._capacity = capacity
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        """Set when a batch is full: send it without waiting out ``FLUSH_SECONDS``."""
+        self._arrived = threading.Event()
+        """Set when a record came: there is something to send."""
         self._closed = threading.Event()
         self.dropped = 0
         self.sent = 0
@@ -56,6 +60,7 @@ class AggregatorSink:
                 self._buffer.popleft()
                 self.dropped += 1
             self._buffer.append(record)
+            self._arrived.set()
             if len(self._buffer) >= BATCH:
                 self._wake.set()
 
@@ -103,7 +108,9 @@ class AggregatorSink:
         delay = 0.1
         with httpx.Client(timeout=10.0) as client:
             while True:
+                self._arrived.wait()
                 self._wake.wait(FLUSH_SECONDS)
+                self._arrived.clear()
                 self._wake.clear()
                 while batch := self._take():
                     code = self._post(client, batch)
@@ -152,9 +159,11 @@ class AggregatorSink:
     def close(self, timeout: float = 2.0) -> None:
         """Flush what can be flushed within ``timeout`` seconds, then stop the thread."""
         deadline = time.monotonic() + timeout
+        self._arrived.set()
         self._wake.set()
         while self.pending() and time.monotonic() < deadline:
             time.sleep(0.02)
         self._closed.set()
+        self._arrived.set()
         self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()) + 0.1)

@@ -124,3 +124,19 @@ def test_app_dying_while_database_is_frozen_ends_failed_once_it_is_back(
         timeout=15,
         what="/health ready again",
     )
+
+
+def test_apps_of_an_earlier_server_are_watched_until_they_end(
+    deploy_factory: Callable[..., DeployServer],
+) -> None:
+    deploy = deploy_factory().start()
+    dying, deleted = deploy.launch(), deploy.launch()
+    for dep_id in (dying, deleted):
+        deploy.wait_status(dep_id, "deployed", timeout=30)
+    deploy.kill9()
+    deploy.start()  # the apps are no children of this server
+    assert _delete(deploy, deleted)["status"] == "deleted"
+    os.killpg(deploy.app_pids()[dying], signal.SIGKILL)
+    failed = deploy.wait_status(dying, "failed", timeout=10)
+    assert "process ended" in str(failed["reason"])
+    assert deploy.status(deleted)["status"] == "deleted", "a stop is no failure"

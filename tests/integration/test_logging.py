@@ -233,6 +233,26 @@ def test_program_output_followed_through_rotation(
     assert messages == ["after 1", "after 2", "before 1", "before 2", "before 3"]
 
 
+def test_app_output_followed_promptly_also_in_a_folder_made_again(
+    logging_factory: Callable[..., LoggingServer],
+) -> None:
+    """Lines are seen within seconds of being written (well before the slow safety rescan),
+    in an app folder removed and made again while the aggregator runs too."""
+    logs = logging_factory()
+    apps = logs.home / "logs" / "apps"
+    (apps / "first.log").write_text("one\n")
+    wait_for(lambda: len(logs.all(app="first")) == 1, timeout=5, what="the first app's line")
+    (apps / "first.log").unlink()
+    apps.rmdir()
+    apps.mkdir()
+    with (apps / "second.log").open("a") as fh:
+        fh.write("two\n")
+    wait_for(lambda: len(logs.all(app="second")) == 1, timeout=5, what="a line in the new folder")
+    with (apps / "second.log").open("a") as fh:
+        fh.write("three\n")
+    wait_for(lambda: len(logs.all(app="second")) == 2, timeout=5, what="a line appended")
+
+
 def test_aggregator_killed_while_sink_logs_loses_and_duplicates_nothing(
     logging_factory: Callable[..., LoggingServer],
 ) -> None:

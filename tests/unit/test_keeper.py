@@ -45,3 +45,12 @@ def test_routes_are_listed_only_after_a_proxy_restart(
     proxy.table.clear()  # the proxy restarted: its routes are gone
     wait_for(lambda: f"/user/{dep_id}" in proxy.table, timeout=5, what="the route put back")
     assert proxy.listings == listed + 1
+
+
+def test_a_quiet_suite_reads_its_deployments_only_every_few_rounds(
+    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+) -> None:
+    store, backend, _ = parts
+    reads, pings = store.full_reads, backend.pings
+    wait_for(lambda: backend.pings >= pings + 10, timeout=5, what="ten keeper rounds")
+    assert 1 <= store.full_reads - reads <= 3, "the keeper read every deployment each round"

@@ -175,6 +175,9 @@ class LocalBackend:
         self._notify: Notify | None = None
         self._stopping: set[str] = set()
         self._exit_codes: dict[str, int] = {}
+        self._adopted: set[str] = set()
+        """Apps of an earlier server whose exit is awaited."""
+        self._found = asyncio.Event()
         self.api_calls: dict[str, int] = {}
 
     async def open(self, notify: Notify) -> None:
@@ -319,12 +322,33 @@ class LocalBackend:
         )
 
     async def _watch_adopted(self) -> None:
-        """Apps started by an earlier server are not our children: look at them once a second."""
+        """Apps started by an earlier server are not our children: the kernel tells of each one's
+        exit (its pidfd turns readable). The pid files are looked at when this starts and when
+        :meth:`list` has found apps, never on a timer."""
         while True:
-            await anyio.sleep(1.0)
             for obs in self._recorded():
-                if obs.state is State.EXITED and obs.id not in self._stopping and self._notify:
-                    await self._notify(obs)
+                if obs.id in self._children or obs.id in self._adopted:
+                    continue
+                if obs.state is State.EXITED:
+                    await self._adopted_exited(obs)
+                else:
+                    self._adopted.add(obs.id)
+                    self._background.spawn(self._await_exit(obs))
+            await self._found.wait()
+            self._found.clear()
+
+    async def _await_exit(self, obs: Observed) -> None:
+        try:  # the pid is the app's only while its start time is (a reused pid is not waited on)
+            await exited(int(obs.ref["pid"]), started=obs.ref.get("started"))
+        finally:
+            self._adopted.discard(obs.id)
+        await self._adopted_exited(
+            Observed(obs.id, State.EXITED, None, obs.ref, _exit_reason(None), obs.template)
+        )
+
+    async def _adopted_exited(self, obs: Observed) -> None:
+        if obs.id not in self._stopping and self._notify is not None:
+            await self._notify(obs)
 
     def _alive(self, ref: dict[str, Any]) -> bool:
         pid, started = ref.get("pid"), ref.get("started")
@@ -384,7 +408,7 @@ class LocalBackend:
             os.killpg(pid, signal.SIGTERM)
         if started is not None:
             with anyio.move_on_after(STOP_GRACE_SECONDS):
-                await exited(pid)
+                await exited(pid, started=started)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
 
@@ -443,6 +467,7 @@ class LocalBackend:
         for obs in found:
             logger.bind(id=obs.id).warning("found app pid {} without a pid file", obs.ref["pid"])
             self._record(obs.id, obs.ref)
+        self._found.set()  # their exits are watched from now on
         return recorded + found
 
     async def preload(self, template: Template) -> None:
