@@ -26,6 +26,17 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
 
 
 @pytest.fixture
+def own_db(tmp_path: Path) -> Iterator[Database]:
+    """A database of the test's own, to kill and freeze."""
+    workdir = tmp_path / "own-db"
+    workdir.mkdir()
+    db = Database(workdir).start()
+    yield db
+    db.thaw()
+    db.stop()
+
+
+@pytest.fixture
 def proxy(tmp_path: Path) -> Iterator[Proxy]:
     p = Proxy(tmp_path).start()
     yield p

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -16,17 +15,6 @@ from harness import Database, DeployServer, Proxy, wait_for
 from common.processes import alive, session_leaders_with
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def own_db(tmp_path: Path) -> Iterator[Database]:
-    """A database of the test's own, to kill and freeze."""
-    workdir = tmp_path / "own-db"
-    workdir.mkdir()
-    db = Database(workdir).start()
-    yield db
-    db.thaw()
-    db.stop()
 
 
 def _delete(deploy: DeployServer, dep_id: str) -> dict[str, object]:

@@ -5,27 +5,15 @@ capacity limits exact, and an answered claim survives kill -9 of the database an
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from harness import EXAMPLE_COMMAND, Database, DeployServer, Proxy, wait_for
 
 SLOW_START = 2.0
 """Seconds the slow template's app waits before it listens."""
-
-
-@pytest.fixture
-def own_db(tmp_path: Path) -> Iterator[Database]:
-    """A database of the test's own, to kill."""
-    workdir = tmp_path / "own-db"
-    workdir.mkdir()
-    db = Database(workdir).start()
-    yield db
-    db.stop()
 
 
 def _pool(deploy: DeployServer, template: str) -> dict[str, Any]:

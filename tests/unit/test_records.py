@@ -19,6 +19,13 @@ from services.deploy_kubernetes.records import Records
 from services.deploy_kubernetes.store import Change
 
 
+async def _opened() -> tuple[FakeStore, Records]:
+    store = FakeStore()
+    records = Records(store=store, metrics=Metrics(), max_deployments=5)
+    await records.open()
+    return store, records
+
+
 def _dep() -> Deployment:
     return Deployment(
         id=new_id(), template="t", status=Status.DEPLOYING, created=now(), cull_timeout_ms=1
@@ -27,9 +34,7 @@ def _dep() -> Deployment:
 
 def test_a_retried_insert_that_landed_is_a_success() -> None:
     async def main() -> None:
-        store = FakeStore()
-        records = Records(store=store, metrics=Metrics(), max_deployments=5)
-        await records.open()
+        store, records = await _opened()
         store.retried_inserts = 1
         dep = _dep()
         await records.create(dep)
@@ -41,9 +46,7 @@ def test_a_retried_insert_that_landed_is_a_success() -> None:
 
 def test_a_real_duplicate_is_still_a_conflict_and_frees_its_slot() -> None:
     async def main() -> None:
-        store = FakeStore()
-        records = Records(store=store, metrics=Metrics(), max_deployments=5)
-        await records.open()
+        _, records = await _opened()
         dep = _dep()
         await records.create(dep)
         other = dep.evolve(template="u")  # same id, another record
@@ -72,9 +75,7 @@ async def _answered_after_a_delete(records: Records, store: FakeStore, write: An
 @pytest.mark.parametrize("late", ["update", "move"])
 def test_a_write_answered_after_a_delete_never_shows_the_record_alive_again(late: str) -> None:
     async def main() -> None:
-        store = FakeStore()
-        records = Records(store=store, metrics=Metrics(), max_deployments=5)
-        await records.open()
+        store, records = await _opened()
         dep = _dep()
         await records.create(dep)
         if late == "update":  # the culler's look at a deployed app's activity
