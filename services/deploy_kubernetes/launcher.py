@@ -89,7 +89,14 @@ class Launcher:
         pooled: bool = False,
         limit: int | None = None,
     ) -> Deployment:
-        """Write a new ``deploying`` record (capacity reserved), then launch it in a task."""
+        """Reserve capacity, start the launch and write its ``deploying`` record at once; answer
+        once the record is written.
+
+        The app starts while its record is being written (the write no longer delays the spawn,
+        and concurrent launches' writes no longer space their spawns out); nothing else is done
+        on its behalf until the record is in the database. A record that cannot be written ends
+        the launch and stops what it started; a crash in between leaves an app without a record,
+        which the next server's reconcile stops (no client was told of it)."""
         dep = Deployment(
             id=new_id(),
             template=template.name,
@@ -99,35 +106,61 @@ class Launcher:
             client=client,
             pooled=pooled,
         )
-        await self._records.create(dep, template_limit=limit)
-        self.resume(dep, template)
+        self._records.reserve(dep, template_limit=limit)
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._launches.start(dep.id, self._run(dep, template, None, written))
+        try:
+            await self._records.write_new(dep)
+        except BaseException:
+            written.cancel()
+            await self._launches.cancel(dep.id)
+            await self._ender.teardown(dep)  # what it started, found by the deployment's id
+            raise
+        written.set_result(None)
         return dep
 
     def resume(self, dep: Deployment, template: Template, observed: Observed | None = None) -> None:
-        """Run (or go on with) ``dep``'s launch in a task of its own."""
-        self._launches.start(dep.id, self._run(dep, template, observed))
+        """Go on with ``dep``'s launch (its record written) in a task of its own."""
+        self._launches.start(dep.id, self._run(dep, template, observed, None))
 
     def running(self, dep_id: str) -> bool:
         return self._launches.running(dep_id)
 
-    async def _run(self, dep: Deployment, template: Template, observed: Observed | None) -> None:
+    async def _run(
+        self,
+        dep: Deployment,
+        template: Template,
+        observed: Observed | None,
+        written: asyncio.Future[None] | None,
+    ) -> None:
         try:
-            await self._bring_up(dep, template, observed)
+            await self._bring_up(dep, template, observed, written)
         except asyncio.CancelledError:
             raise
-        except BinderError as exc:
-            reason = exc.message
-            if isinstance(exc, LaunchError) and reason.startswith("timed out"):
-                reason = f"timed out after {self.timeout:g} s waiting for the app to answer"
-            await self._ender.fail(dep, reason)
-        except Exception as exc:  # a launch task must always end in a final status
-            logger.bind(id=dep.id).opt(exception=exc).error("launch failed unexpectedly")
-            await self._ender.fail(dep, f"internal error: {exc.__class__.__name__}")
+        except Exception as exc:
+            if written is None or await _landed(written):
+                await self._failed(dep, exc)
         finally:
             self._changed.set()
 
+    async def _failed(self, dep: Deployment, error: Exception) -> None:
+        """End ``dep`` failed for ``error`` (its record is written): a launch task must always
+        end in a final status."""
+        if not isinstance(error, BinderError):
+            logger.bind(id=dep.id).opt(exception=error).error("launch failed unexpectedly")
+            await self._ender.fail(dep, f"internal error: {error.__class__.__name__}")
+            return
+        reason = error.message
+        if isinstance(error, LaunchError) and reason.startswith("timed out"):
+            reason = f"timed out after {self.timeout:g} s waiting for the app to answer"
+        await self._ender.fail(dep, reason)
+
     async def _bring_up(
-        self, dep: Deployment, template: Template, observed: Observed | None
+        self,
+        dep: Deployment,
+        template: Template,
+        observed: Observed | None,
+        written: asyncio.Future[None] | None,
     ) -> None:
         spec = LaunchSpec(dep.id, template)
         elapsed = (now() - dep.created).total_seconds()
@@ -136,6 +169,8 @@ class Launcher:
             observed = await self._backend.launch(spec)
         observed = await self._backend.wait_ready(spec, observed, deadline=deadline)
         assert observed.target is not None
+        if written is not None:
+            await written  # nothing more on its behalf until its record is in the database
         await self._proxy.add_route(dep.route, observed.target)
         await self._await_route(dep, deadline)
         location = f"{self._public_host}/user/{dep.id}"
@@ -170,3 +205,15 @@ class Launcher:
                 raise LaunchError(f"the proxy does not serve {dep.route} (last answer {code})")
             await asyncio.sleep(interval)
             interval = min(interval * 2, 0.25)
+
+
+async def _landed(written: asyncio.Future[None]) -> bool:
+    """Whether the launch's record was written; when it was not, the launch's starter ends the
+    launch and stops what it started."""
+    try:
+        await written
+    except asyncio.CancelledError:
+        if written.cancelled():
+            return False
+        raise  # the launch itself is cancelled
+    return True

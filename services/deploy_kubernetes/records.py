@@ -167,9 +167,17 @@ class Records:
 
     async def create(self, dep: Deployment, *, template_limit: int | None = None) -> None:
         """Reserve capacity for ``dep`` (``CapacityError`` when full), then write it."""
+        self.reserve(dep, template_limit=template_limit)
+        await self.write_new(dep)
+
+    def reserve(self, dep: Deployment, *, template_limit: int | None = None) -> None:
+        """Count ``dep`` as active (``CapacityError`` when full): :meth:`write_new` writes it."""
         if dep.id in self._active:
             raise ConflictError("a record with that id exists already")
         self._reserve(dep, template_limit)
+
+    async def write_new(self, dep: Deployment) -> None:
+        """Write reserved ``dep``; its reservation is released when it cannot be written."""
         try:
             await self._insert(dep)
         except BaseException:

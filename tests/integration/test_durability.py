@@ -13,6 +13,7 @@ import pytest
 from harness import Database, DeployServer, Proxy, wait_for
 
 from common.processes import alive, session_leaders_with
+from services.deploy_kubernetes.backends.local import suite_label
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +129,28 @@ def test_apps_of_an_earlier_server_are_watched_until_they_end(
     failed = deploy.wait_status(dying, "failed", timeout=10)
     assert "process ended" in str(failed["reason"])
     assert deploy.status(deleted)["status"] == "deleted", "a stop is no failure"
+
+
+def test_a_launch_whose_record_cannot_be_written_answers_503_and_leaves_no_app(
+    own_db: Database, deploy_factory: Callable[..., DeployServer], proxy: Proxy
+) -> None:
+    """The app starts while its record is written: when the write fails, the launch stops it."""
+    deploy = deploy_factory(db=own_db).start()
+    deploy.wait_status(deploy.launch(), "deployed", timeout=30)  # one app the suite keeps
+    kept = set(deploy.app_pids())
+    own_db.freeze()
+    try:
+        answer = httpx.post(f"{deploy.url}/applications/example", timeout=30)
+    finally:
+        own_db.thaw()
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["type"] == "badDatabase"
+    log = (deploy.workdir / "deploy.log").read_text()
+    spawned = [line for line in log.splitlines() if "started pid" in line]
+    assert len(spawned) == 2  # the failed launch did start its app ...
+    label = suite_label(deploy.home / "run" / "local")
+
+    def running() -> set[str]:
+        return {env["BINDER_ID"] for env in session_leaders_with("BINDER_SUITE", label).values()}
+
+    wait_for(lambda: running() == kept, timeout=10, what="no app left of the failed launch")
