@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -128,8 +129,10 @@ def suite_label(state_dir: Path) -> str:
     return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
 
 
+@functools.cache
 def _tool(name: str) -> str:
-    """The path of a util-linux tool the backend runs apps through."""
+    """The path of a util-linux tool the backend runs apps through (looked up once, not at
+    every launch)."""
     path = shutil.which(name)
     if path is None:
         raise LaunchError(f"{name} (util-linux) is not installed: the local backend needs it")
