@@ -26,16 +26,28 @@ TEMPLATE = {
 }
 
 
-@pytest.fixture
-def kube_deploy(
-    deploy_factory: Callable[..., DeployServer], kube: tuple[str, Any], namespace: str
+def _kube_server(
+    deploy_factory: Callable[..., DeployServer],
+    kube: tuple[str, Any],
+    namespace: str,
+    *,
+    launch_timeout_seconds: float,
 ) -> DeployServer:
-    server = deploy_factory(backend="kubernetes", launch_timeout_seconds=90)
+    """A deploy server on the test cluster's ``namespace``, started."""
+    server = deploy_factory(backend="kubernetes", launch_timeout_seconds=launch_timeout_seconds)
     server.config.write_text(
         server.config.read_text()
         + f'[deploy.kubernetes]\nkubeconfig = "{kube[0]}"\nnamespace = "{namespace}"\n'
     )
     server.start()
+    return server
+
+
+@pytest.fixture
+def kube_deploy(
+    deploy_factory: Callable[..., DeployServer], kube: tuple[str, Any], namespace: str
+) -> DeployServer:
+    server = _kube_server(deploy_factory, kube, namespace, launch_timeout_seconds=90)
     put = httpx.put(f"{server.url}/templates/nb", json=TEMPLATE, headers=server.auth)
     assert put.status_code == 200, put.text
     return server
@@ -143,12 +155,7 @@ def test_unschedulable_template_fails_with_that_reason(kube_deploy: DeployServer
 def test_app_that_never_becomes_ready_times_out(
     deploy_factory: Callable[..., DeployServer], kube: tuple[str, Any], namespace: str
 ) -> None:
-    server = deploy_factory(backend="kubernetes", launch_timeout_seconds=8)
-    server.config.write_text(
-        server.config.read_text()
-        + f'[deploy.kubernetes]\nkubeconfig = "{kube[0]}"\nnamespace = "{namespace}"\n'
-    )
-    server.start()
+    server = _kube_server(deploy_factory, kube, namespace, launch_timeout_seconds=8)
     _put(server, "unready", **{"image-source": "binder-test/unready:1", "command": ["/bin/app"]})
     dep_id = server.launch("unready")
     info = server.wait_status(dep_id, "failed", "deployed", timeout=60, template="unready")
