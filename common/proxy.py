@@ -42,7 +42,11 @@ class ProxyClient:
     async def aclose(self) -> None:
         return None
 
-    async def _call(self, method: str, path: str, json: Any = None) -> Answer:
+    async def _call(
+        self, method: str, path: str, json: Any = None, *, missing_ok: bool = False
+    ) -> Answer:
+        """The API's answer; ``BadProxyError`` when it fails, a 404 included unless
+        ``missing_ok`` (a route that is not there)."""
         try:
             answer = await request(
                 self._api + path,
@@ -53,7 +57,7 @@ class ProxyClient:
             )
         except RequestError as exc:
             raise BadProxyError(f"proxy API unreachable: {exc}") from exc
-        if answer.status >= 400 and not (method in ("DELETE", "GET") and answer.status == 404):
+        if answer.status >= 400 and not (missing_ok and answer.status == 404):
             raise BadProxyError(f"proxy API answered {answer.status} to {method} {path}")
         return answer
 
@@ -64,10 +68,10 @@ class ProxyClient:
         await self._call("POST", f"/api/routes{path}", {"target": target})
 
     async def remove_route(self, path: str) -> None:
-        await self._call("DELETE", f"/api/routes{path}")
+        await self._call("DELETE", f"/api/routes{path}", missing_ok=True)
 
     async def route(self, path: str) -> str | None:
-        answer = await self._call("GET", f"/api/routes{path}")
+        answer = await self._call("GET", f"/api/routes{path}", missing_ok=True)
         if answer.status == 404:
             return None
         target = answer.json().get("target")

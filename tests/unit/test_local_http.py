@@ -8,7 +8,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from common.errors import BadProxyError
 from common.local_http import MAX_BODY, RequestError, request
+from common.proxy import ProxyClient
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -113,3 +115,27 @@ def test_a_refused_or_silent_server_is_a_request_error() -> None:
 def test_only_plain_http() -> None:
     with pytest.raises(ValueError, match="plain http"):
         asyncio.run(request("https://127.0.0.1/", seconds=1))
+
+
+def test_the_proxy_client_takes_a_404_as_a_missing_route_only() -> None:
+    """A 404 is a route that is not there when one route is read or removed; on the route table
+    (the health look) it is an API that is not the proxy's, and an error."""
+    missing = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+    async def calls(url: str) -> tuple[str | None, list[str]]:
+        proxy = ProxyClient(api_url=url, token="t", public_url=url)
+        errors = []
+        for look in (proxy.ping, proxy.routes):
+            try:
+                await look()
+            except BadProxyError as exc:
+                errors.append(exc.message)
+        await proxy.remove_route("/user/x")
+        return await proxy.route("/user/x"), errors
+
+    route, errors = served(answering(missing), calls)  # type: ignore[misc]
+    assert route is None
+    assert errors == [
+        "proxy API answered 404 to GET /api/routes",
+        "proxy API answered 404 to GET /api/routes",
+    ]
