@@ -42,10 +42,20 @@ CHROMIUM_ARGS = [
 """Debian's chromium, headless as root, with nothing that reaches out of this host."""
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free on loopback now, never one this process was given before: the kernel may
+    hand the same free port to two calls in a row, and a suite given the same port for two of
+    its services refuses to start."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def wait_for(
