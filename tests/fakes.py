@@ -156,6 +156,7 @@ class FakeBackend:
     """Apps that are ready at once, unless told to fail with a reason."""
 
     name = "fake"
+    ready_at_target = False  # launches check their route through the (fake) proxy
 
     def __init__(self) -> None:
         self.running: dict[str, Observed] = {}

@@ -172,7 +172,8 @@ class Launcher:
         if written is not None:
             await written  # nothing more on its behalf until its record is in the database
         await self._proxy.add_route(dep.route, observed.target)
-        await self._await_route(dep, deadline)
+        if not self._backend.ready_at_target:
+            await self._await_route(dep, deadline)
         location = f"{self._public_host}/user/{dep.id}"
         change = Change(
             location=location,
@@ -193,9 +194,10 @@ class Launcher:
         """The route works once the app answers through the proxy (below 500, and not the
         proxy's own 404 for a route it does not know yet).
 
-        The app itself was found ready by the backend: by its own answer (local, docker) or by
-        its Pod's readiness probe; this checks that the proxy reaches it too (a pod network
-        the proxy's host cannot reach shows here, as the proxy's 503)."""
+        Asked only where the backend's readiness was not seen from this host (a Pod's, by its
+        kubelet): this checks that the proxy reaches the app too (a pod network the proxy's
+        host cannot reach shows here, as the proxy's 503). An app that answered the local or
+        docker backend's probe at its target answered from the proxy's own host."""
         interval = 0.01
         while True:
             code = await self._proxy.public_get(dep.route + "/")

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
-from services.deploy_kubernetes.backends.base import FIRST_LOOK_FRACTION, StartTimes, wait_listening
+import anyio
+import pytest
+
+from services.deploy_kubernetes.backends import readiness
+from services.deploy_kubernetes.backends.readiness import (
+    FIRST_LOOK_FRACTION,
+    OutputHints,
+    StartTimes,
+    wait_listening,
+)
 
 
 def test_first_look_follows_the_quickest_recent_start_of_the_template() -> None:
@@ -38,3 +48,57 @@ def test_wait_listening_sees_a_listening_app_and_says_how_long_it_took() -> None
 
     took = asyncio.run(main())
     assert took >= 0.05  # the first attempt waited its first look
+
+
+def test_output_wakes_a_pause_before_its_end(tmp_path: Path) -> None:
+    output = tmp_path / "app.log"
+    output.write_bytes(b"")
+
+    async def main() -> None:
+        with OutputHints(output) as hints:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.05, lambda: output.write_text("serving on :8888\n"))
+            with anyio.fail_after(10):  # the pause alone would last 60 s
+                await hints.pause(soonest=0.0, latest=60.0)
+
+    asyncio.run(main())
+
+
+def test_a_slow_app_that_prints_when_it_listens_costs_few_connect_attempts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attempts follow the logarithm of the start time, and the app's line wakes the last one:
+    a one-second start costs a couple of dozen attempts (the fixed 10% schedule took 50)."""
+    output = tmp_path / "app.log"
+    output.write_bytes(b"")
+    attempts = 0
+    knock = readiness.accepts
+
+    async def counted(host: str, port: int) -> bool:
+        nonlocal attempts
+        attempts += 1
+        return await knock(host, port)
+
+    monkeypatch.setattr(readiness, "accepts", counted)
+
+    async def main() -> None:
+        with socket.socket() as listener, OutputHints(output) as hints:
+            listener.bind(("127.0.0.1", 0))
+            port = listener.getsockname()[1]
+
+            def listen() -> None:
+                listener.listen()
+                output.write_text("serving\n")
+
+            loop = asyncio.get_running_loop()
+            loop.call_later(1.0, listen)
+
+            async def alive() -> str | None:
+                return None
+
+            await wait_listening(
+                "127.0.0.1", port, deadline=loop.time() + 10, alive=alive, hints=hints
+            )
+
+    asyncio.run(main())
+    assert 1 <= attempts <= 30

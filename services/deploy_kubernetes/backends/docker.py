@@ -24,8 +24,8 @@ from services.deploy_kubernetes.backends.base import (
     Observed,
     State,
     in_daemon_thread,
-    wait_http,
 )
+from services.deploy_kubernetes.backends.readiness import wait_http
 from services.deploy_kubernetes.errors import BadBackendError, LaunchError
 from services.deploy_kubernetes.models import Template, cpu_cores, memory_bytes
 
@@ -66,6 +66,7 @@ def _reason(attrs: dict[str, Any]) -> str:
 
 class DockerBackend:
     name = "docker"
+    ready_at_target = True
 
     def __init__(self, *, host: str = "", suite: str = "binder") -> None:
         self._host = host

@@ -52,6 +52,7 @@ WATCH_SECONDS = 240
 
 class KubernetesBackend:
     name = "kubernetes"
+    ready_at_target = False
 
     def __init__(
         self, *, kubeconfig: str = "", namespace: str = "binder", suite: str = "binder"

@@ -43,14 +43,8 @@ from common.background import Supervisor
 from common.errors import ConfigError
 from common.processes import Detached, exited, session_leaders_with, start_time
 from common.settings import LocalSettings
-from services.deploy_kubernetes.backends.base import (
-    LaunchSpec,
-    Notify,
-    Observed,
-    StartTimes,
-    State,
-    wait_http,
-)
+from services.deploy_kubernetes.backends.base import LaunchSpec, Notify, Observed, State
+from services.deploy_kubernetes.backends.readiness import OutputHints, StartTimes, wait_http
 from services.deploy_kubernetes.errors import LaunchError
 from services.deploy_kubernetes.models import Template, memory_bytes
 
@@ -149,6 +143,7 @@ def _exit_reason(code: int | None) -> str:
 
 class LocalBackend:
     name = "local"
+    ready_at_target = True
 
     def __init__(
         self,
@@ -208,6 +203,10 @@ class LocalBackend:
     def _pidfile(self, dep_id: str) -> Path:
         return self._state_dir / f"{dep_id}.json"
 
+    def _log_path(self, dep_id: str) -> Path:
+        """The app's output (and the wake-ups of its readiness wait: :class:`OutputHints`)."""
+        return self._log_dir / f"{dep_id}.log"
+
     def _workdir(self, dep_id: str) -> Path:
         """The app's own working directory (and its HOME), owned by the app's user."""
         path = self._workdirs / dep_id
@@ -239,7 +238,7 @@ class LocalBackend:
             }
         )
         limit = memory_bytes(template.limits["memory"]) if "memory" in template.limits else None
-        log_path = self._log_dir / f"{spec.id}.log"
+        log_path = self._log_path(spec.id)
 
         async def spawn_and_record() -> tuple[Detached, dict[str, Any]]:
             proc = self._spawn(argv, env=env, workdir=workdir, log_path=log_path, limit=limit)
@@ -369,13 +368,15 @@ class LocalBackend:
             return None
 
         assert observed.target is not None
-        await wait_http(
-            observed.target + spec.base_url,
-            deadline=deadline,
-            alive=alive,
-            starts=self._starts,
-            template=spec.template.name,
-        )
+        with OutputHints(self._log_path(spec.id)) as hints:
+            await wait_http(
+                observed.target + spec.base_url,
+                deadline=deadline,
+                alive=alive,
+                starts=self._starts,
+                template=spec.template.name,
+                hints=hints,
+            )
         return Observed(
             spec.id, State.RUNNING, observed.target, observed.ref, None, observed.template
         )

@@ -1,0 +1,226 @@
+"""Readiness of an app the deploy server can reach itself (local processes, Docker containers):
+first that it listens, learnt by connect attempts that cost tens of microseconds and send it
+nothing, then that it answers, by HTTP probes that name themselves in their ``User-Agent``.
+
+Connect attempts are spent only while the app may be listening: the first waits for a fraction of
+the quickest recent start of its template (:class:`StartTimes`); the next ones come after a
+fraction of the time taken so far, so their number grows with the logarithm of the start time,
+not with the time. Where the app's output is a file (the local backend), the kernel tells of
+each write (:class:`OutputHints`) and an attempt follows at once: most servers print a line once
+they listen, so they are seen at that moment and the fallback schedule can be sparse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+import anyio
+import httpx
+from asyncinotify import Inotify, Mask
+
+from common.local_http import RequestError, request
+from common.proxy import PROBE_AGENT
+from services.deploy_kubernetes.errors import LaunchError
+
+LISTEN_POLL_FRACTION = 0.1
+"""While an app does not listen yet, look again after this fraction of the time it has taken so
+far (bounded below and above): a fast app is seen within a few milliseconds of listening, a slow
+one costs a few dozen connect attempts, not one per 20 ms."""
+LISTEN_POLL_BOUNDS = (0.002, 0.1)
+HINTED_POLL_FRACTION = 0.25
+"""The same where the app's output wakes the wait (:class:`OutputHints`): an app that prints
+nothing when it listens is seen at most a quarter of its start time late."""
+HINTED_POLL_BOUNDS = (0.002, 2.0)
+HINT_GAP_FRACTION = 0.05
+"""After an attempt, output wakes the next one no sooner than this fraction of the time taken so
+far: an app that prints all the while it starts costs a bounded number of attempts."""
+FIRST_LOOK_FRACTION = 0.7
+"""The first connect attempt waits this fraction of the quickest recent start of the same
+template: no attempt is spent while the app cannot be listening yet."""
+HTTP_PROBE_BOUNDS = (0.005, 1.0)
+PROBE_TIMEOUT = 2.0
+"""First and longest wait between HTTP probes of an app that listens but does not answer yet."""
+
+Alive = Callable[[], Awaitable[str | None]]
+"""None while the app runs; the reason it is gone once it is."""
+
+
+class Hints(Protocol):
+    """Signs of progress of a starting app, to look at it when something happened."""
+
+    async def pause(self, *, soonest: float, latest: float) -> None:
+        """Wait ``latest`` seconds, or less: from ``soonest`` on, until a sign comes."""
+
+
+class OutputHints:
+    """The writes to an app's output file, as the kernel tells (inotify), as :class:`Hints`.
+
+    A file that cannot be watched gives no signs: the waits then run their whole length."""
+
+    def __init__(self, path: Path) -> None:
+        self._inotify: Inotify | None = Inotify()
+        os.set_blocking(self._inotify.fd, False)  # drained without waiting (see pause)
+        try:
+            self._inotify.add_watch(path, Mask.MODIFY)
+        except OSError:
+            self.close()
+
+    def __enter__(self) -> OutputHints:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+
+    async def pause(self, *, soonest: float, latest: float) -> None:
+        if self._inotify is None:
+            await anyio.sleep(latest)
+            return
+        await anyio.sleep(soonest)
+        with anyio.move_on_after(max(0.0, latest - soonest)):
+            await anyio.wait_readable(self._inotify.fd)
+        with contextlib.suppress(BlockingIOError):  # what was told is taken: one wake per pause
+            os.read(self._inotify.fd, 64 * 1024)
+
+
+@functools.cache
+def _probe_tls() -> ssl.SSLContext:
+    # Loading the CA bundle costs about 30 ms of CPU: once per process, not once per launch.
+    return ssl.create_default_context()
+
+
+async def accepts(host: str, port: int) -> bool:
+    """Whether ``host:port`` accepts a TCP connection (closed at once, nothing sent: the app sees
+    no request). A refused attempt costs tens of microseconds, far less than an HTTP probe."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except OSError:
+            return False
+    return True
+
+
+class StartTimes:
+    """How long recent apps of each template took to listen, to know when to look first."""
+
+    KEPT = 8
+
+    def __init__(self) -> None:
+        self._seen: dict[str, deque[float]] = {}
+
+    def first_look(self, template: str) -> float:
+        seen = self._seen.get(template)
+        return FIRST_LOOK_FRACTION * min(seen) if seen else 0.0
+
+    def add(self, template: str, seconds: float) -> None:
+        self._seen.setdefault(template, deque(maxlen=self.KEPT)).append(seconds)
+
+
+async def wait_listening(
+    host: str,
+    port: int,
+    *,
+    deadline: float,
+    alive: Alive,
+    first_look: float = 0.0,
+    hints: Hints | None = None,
+) -> float:
+    """Wait until ``host:port`` accepts connections; returns the seconds that took. The first
+    attempt waits ``first_look``; then each looks again after a fraction of the time taken so
+    far, or as soon as ``hints`` tell of progress."""
+    start = time.monotonic()
+    if first_look > 0:
+        await anyio.sleep(min(first_look, max(0.0, deadline - start)))
+    fraction, (low, high) = (
+        (LISTEN_POLL_FRACTION, LISTEN_POLL_BOUNDS)
+        if hints is None
+        else (HINTED_POLL_FRACTION, HINTED_POLL_BOUNDS)
+    )
+    while not await accepts(host, port):
+        reason = await alive()
+        if reason is not None:
+            raise LaunchError(reason)
+        now = time.monotonic()
+        if now > deadline:
+            raise LaunchError("timed out waiting for the app to listen")
+        taken = now - start
+        latest = min(high, max(low, taken * fraction), max(low, deadline - now))
+        if hints is None:
+            await anyio.sleep(latest)
+        else:
+            soonest = min(latest, max(low, taken * HINT_GAP_FRACTION))
+            await hints.pause(soonest=soonest, latest=latest)
+    return time.monotonic() - start
+
+
+async def wait_http(
+    url: str,
+    *,
+    deadline: float,
+    alive: Alive,
+    starts: StartTimes | None = None,
+    template: str = "",
+    hints: Hints | None = None,
+) -> None:
+    """Wait until ``url`` answers below 500; ``alive`` returns a reason once the app is gone.
+
+    HTTP probes start only once the app listens (``wait_listening``, its first look timed by
+    ``starts``, which learns how long this one took, woken by ``hints``): the first goes at once,
+    the next ones after a doubling interval."""
+    parts = httpx.URL(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    first = starts.first_look(template) if starts else 0.0
+    took = await wait_listening(
+        parts.host, port, deadline=deadline, alive=alive, first_look=first, hints=hints
+    )
+    if starts is not None:
+        starts.add(template, took)
+    interval, longest = HTTP_PROBE_BOUNDS
+    while True:
+        reason = await alive()
+        if reason is not None:
+            raise LaunchError(reason)
+        if await _answers(url):
+            return
+        if time.monotonic() > deadline:
+            raise LaunchError("timed out waiting for the app to answer")
+        await anyio.sleep(interval)
+        interval = min(interval * 2, longest)
+
+
+async def _answers(url: str) -> bool:
+    """Whether ``url`` answers below 500 (a probe, by its ``User-Agent``): plain HTTP through
+    :mod:`common.local_http`, a seventh of httpx's CPU; TLS through httpx."""
+    headers = {"User-Agent": PROBE_AGENT}
+    if url.startswith("http://"):
+        try:
+            return (await request(url, headers=headers, seconds=PROBE_TIMEOUT)).status < 500
+        except RequestError:
+            return False
+    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, verify=_probe_tls(), headers=headers) as c:
+        try:
+            return (await c.get(url)).status_code < 500
+        except httpx.HTTPError:
+            return False
