@@ -1,7 +1,8 @@
 """What is read of a followed file at once (a chunk), and its lines as log records.
 
-A chunk runs from an offset to the end of the last whole line read (at most ``MAX_READ`` bytes);
-a partial last line waits for its end, except in a rotated file, which is read to its very end.
+A chunk runs from an offset to the end of the last whole line read (at most ``MAX_READ`` bytes
+and ``MAX_LINES`` lines); a partial last line waits for its end, except in a rotated file, which
+is read to its very end.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from services.logging.ingest import LEVEL_ALIASES, LEVELS
 
 MAX_READ = 4 * 1024 * 1024
 MAX_LINE = 64 * 1024
+MAX_LINES = 20_000
+"""Lines in a chunk at most: its bucket (about 120 bytes a line besides the text, which is at
+most ``MAX_READ``) stays well under the database's 16 MiB document limit even when the lines are
+short (4 MiB of one-character lines would be a 240 MiB document)."""
 
 
 @dataclass
@@ -37,7 +42,7 @@ class Chunk:
     end: int
     records: list[dict[str, Any]]
     full: bool
-    """``MAX_READ`` bytes were read: the file may hold more."""
+    """``MAX_READ`` bytes or ``MAX_LINES`` lines were read: the file may hold more."""
 
     @property
     def chunk_id(self) -> str:
@@ -68,8 +73,11 @@ def read_chunk(*, path: Path, key: str, state: Followed, final: bool) -> Chunk |
         if not final and len(data) < MAX_READ:
             return None  # a partial last line: wait for its end
         end = len(data)
-    records, offset = [], state.offset
+    records: list[dict[str, Any]] = []
+    offset = state.offset
     for line in data[:end].splitlines(keepends=True):
+        if len(records) == MAX_LINES:
+            break  # the rest in a next chunk
         if line.strip():
             records.append(line_record(line, path=Path(key), inode=state.inode, offset=offset))
         offset += len(line)
@@ -77,9 +85,9 @@ def read_chunk(*, path: Path, key: str, state: Followed, final: bool) -> Chunk |
         key=key,
         inode=state.inode,
         start=state.offset,
-        end=state.offset + end,
+        end=offset,
         records=records,
-        full=len(data) == MAX_READ,
+        full=len(data) == MAX_READ or offset < state.offset + end,
     )
 
 

@@ -12,11 +12,12 @@ is read or stat'ed while no log grows; every file is looked at once at the start
 
 The files looked at together (a round: all that changed while writes settled) cost a few database
 operations whatever their number: one query for the saved offsets of the files seen for the first
-time, then, for each pass (one chunk of each file; a file that had more than ``MAX_READ`` to read
-is read again in a next pass), one insert of all the chunks (and, only when some were stored
-before, one query for where those end), and last one write of the offsets of every file read.
-The offsets are written after the chunks: a crash between the two only makes the next aggregator
-read again chunks that are then found stored, so nothing is lost and nothing is stored twice.
+time; then, for each pass (one chunk of each file; a file with more than a chunk to read, or whose
+rotated file was just finished, is read again in a next pass), one insert of all the chunks (and,
+only when some were stored before, one query for where those end); last, one write of the offsets
+of every file read. The offsets are written after the chunks: a crash between the two only makes
+the next aggregator read again chunks that are then found stored, so nothing is lost and nothing
+is stored twice.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 from harness import Database, DeployServer, LoggingServer, wait_for
 from pymongo import MongoClient
 
-from services.logging.chunks import Followed, read_chunk
+from services.logging.chunks import MAX_LINES, Followed, read_chunk
 from services.logging.sink import AggregatorSink
 from services.logging.store import LogStore
 
@@ -363,3 +363,29 @@ def test_a_chunk_stored_without_its_offset_is_not_stored_again(
         fh.write("four\n")
     wait_for(lambda: len(logs.all(app="crashed")) >= 4, timeout=15, what="a line appended")
     assert _messages_by_app(logs) == {"crashed": ["four", "one", "three", "two"]}
+
+
+def test_a_file_longer_than_a_chunk_is_stored_whole_along_with_the_others(
+    logging_factory: Callable[..., LoggingServer], database: Database
+) -> None:
+    logs = logging_factory()
+    apps = logs.home / "logs" / "apps"
+    lines = MAX_LINES * 2 + 5
+    (apps / "long.log").write_text("".join(f"l{n}\n" for n in range(lines)))
+    (apps / "short.log").write_text("s\n")
+    with MongoClient(database.uri, serverSelectionTimeoutMS=5000) as client:
+        db = client[logs.database]
+
+        def both_offsets() -> dict[str, int] | None:
+            found = {d["_id"]: d["offset"] for d in db["log_offsets"].find()}
+            return found if len(found) == 2 else None
+
+        offsets = wait_for(both_offsets, timeout=30, what="both files' offsets")
+        stored = [line for b in db["log_buckets"].find({"id": "long"}) for line in b["lines"]]
+    assert offsets == {
+        str(apps / "long.log"): (apps / "long.log").stat().st_size,
+        str(apps / "short.log"): 2,
+    }
+    assert len(stored) == lines
+    assert {line["message"] for line in stored} == {f"l{n}" for n in range(lines)}
+    assert [r["message"] for r in logs.all(app="short")] == ["s"]
