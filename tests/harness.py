@@ -399,9 +399,10 @@ class LoggingServer:
         self.config = workdir / "logging.toml"
         self.token = secrets.token_hex(16)
         options = {"port": self.port, **logging}
-        database = f"logs{secrets.token_hex(4)}"
+        self.database = f"logs{secrets.token_hex(4)}"
+        """The aggregator's database (a name of its own on ``db``)."""
         self.config.write_text(
-            f'[db]\nuri = "{db.uri}"\ndatabase = "{database}"\n[logging]\n'
+            f'[db]\nuri = "{db.uri}"\ndatabase = "{self.database}"\n[logging]\n'
             + "".join(f"{k} = {_toml(v)}\n" for k, v in options.items())
         )
         self.proc: Proc | None = None

@@ -18,10 +18,11 @@ from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
-from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReplaceOne
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from common.errors import BadDatabaseError, MalformedRequestError
+from services.logging.chunks import Chunk, Followed
 from services.logging.ingest import LogFilters
 
 DUPLICATE_KEY = 11000
@@ -76,6 +77,19 @@ def buckets(records: list[dict[str, Any]], **extra: Any) -> list[dict[str, Any]]
             bucket["id"] = dep
         out.append(bucket)
     return out
+
+
+def chunk_bucket(chunk: Chunk) -> dict[str, Any]:
+    """The bucket of a followed file's chunk (one service): its ``_id`` names the file and the
+    offset the chunk starts at, and it records the offset it ends at."""
+    (bucket, *more) = buckets(chunk.records, end=chunk.end)
+    if more:  # a chunk spanning an hour boundary: keep it whole, in its first hour
+        bucket["lines"] += [line for b in more for line in b["lines"]]
+        bucket["n"] = len(bucket["lines"])
+        bucket["t1"] = max(b["t1"] for b in (bucket, *more))
+        bucket["levels"] = sorted({lv for b in (bucket, *more) for lv in b["levels"]})
+    bucket["_id"] = chunk.chunk_id
+    return bucket
 
 
 def _line_record(bucket: dict[str, Any], line: dict[str, Any]) -> dict[str, Any]:
@@ -134,26 +148,29 @@ class LogStore:
         except PyMongoError as exc:
             raise BadDatabaseError(f"database unreachable: {exc.__class__.__name__}") from exc
 
-    async def insert_chunk(self, chunk_id: str, records: list[dict[str, Any]], end: int) -> int:
-        """Store a followed file's chunk (one service); returns the offset it ends at, which is
-        the stored one when this chunk (re-read after a crash) was stored before."""
-        if not records:
-            return end
-        (bucket, *more) = buckets(records, end=end)
-        if more:  # a chunk spanning an hour boundary: keep it whole, in its first hour
-            bucket["lines"] += [line for b in more for line in b["lines"]]
-            bucket["n"] = len(bucket["lines"])
-            bucket["t1"] = max(b["t1"] for b in (bucket, *more))
-            bucket["levels"] = sorted({lv for b in (bucket, *more) for lv in b["levels"]})
-        bucket["_id"] = chunk_id
+    async def insert_chunks(self, chunks: list[Chunk]) -> dict[str, int]:
+        """Store the chunks of followed files, all in one insert. Returns the chunks that were
+        stored before (read again after a crash), by id, with the offset each stored one ends
+        at: reading goes on there. Every other chunk is stored now."""
+        docs = [chunk_bucket(c) for c in chunks if c.records]
+        if not docs:
+            return {}
         try:
-            await self._buckets.insert_one(bucket)
-        except DuplicateKeyError:
-            stored = await _db(self._buckets.find_one({"_id": chunk_id}, {"end": 1}))
-            return int(stored["end"]) if stored else end
+            await self._buckets.insert_many(docs, ordered=False)
+            return {}
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            refused = [e for e in errors if e.get("code") != DUPLICATE_KEY]
+            if refused or exc.details.get("writeConcernErrors"):
+                why = refused[0].get("errmsg") if refused else "write concern not met"
+                raise BadDatabaseError(f"database refused log lines: {why}") from exc
+            again = {docs[e["index"]]["_id"]: int(docs[e["index"]]["end"]) for e in errors}
         except PyMongoError as exc:
             raise BadDatabaseError(f"database unreachable: {exc.__class__.__name__}") from exc
-        return end
+        stored = await _db(
+            self._buckets.find({"_id": {"$in": sorted(again)}}, {"end": 1}).to_list()
+        )
+        return again | {d["_id"]: int(d["end"]) for d in stored}
 
     async def query(
         self, filters: LogFilters, *, limit: int, cursor: str | None, oldest_first: bool
@@ -215,16 +232,29 @@ class LogStore:
         rows = await _db(cursor.to_list())
         return int(rows[0]["n"]) if rows else 0
 
-    async def get_offset(self, path: str) -> tuple[int, int] | None:
-        doc = await _db(self._offsets.find_one({"_id": path}))
-        return (int(doc["inode"]), int(doc["offset"])) if doc else None
+    async def get_offsets(self, paths: list[str]) -> dict[str, Followed]:
+        """Where reading each of ``paths`` goes on, for those read before (one query)."""
+        if not paths:
+            return {}
+        docs = await _db(self._offsets.find({"_id": {"$in": paths}}).to_list())
+        return {d["_id"]: Followed(inode=int(d["inode"]), offset=int(d["offset"])) for d in docs}
 
-    async def set_offset(self, path: str, inode: int, offset: int) -> None:
+    async def set_offsets(self, offsets: dict[str, Followed]) -> None:
+        """Record where reading each followed file goes on (one write for all)."""
+        if not offsets:
+            return
+        now = datetime.now(UTC)
         await _db(
-            self._offsets.replace_one(
-                {"_id": path},
-                {"_id": path, "inode": inode, "offset": offset, "at": datetime.now(UTC)},
-                upsert=True,
+            self._offsets.bulk_write(
+                [
+                    ReplaceOne(
+                        {"_id": path},
+                        {"_id": path, "inode": f.inode, "offset": f.offset, "at": now},
+                        upsert=True,
+                    )
+                    for path, f in offsets.items()
+                ],
+                ordered=False,
             )
         )
 

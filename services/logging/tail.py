@@ -9,87 +9,62 @@ Offsets are kept in the database, so a restarted aggregator goes on where it lef
 A file is looked at when the kernel tells it changed (:mod:`services.logging.changes`), so nothing
 is read or stat'ed while no log grows; every file is looked at once at the start and then every
 ``rescan_seconds``, in case a change went unseen.
+
+The files looked at together (a round: all that changed while writes settled) cost a few database
+operations whatever their number: one query for the saved offsets of the files seen for the first
+time; then, for each pass (one chunk of each file; a file with more than a chunk to read, or whose
+rotated file was just finished, is read again in a next pass), one insert of all the chunks (and,
+only when some were stored before, one query for where those end); last, one write of the offsets
+of every file read. The offsets are written after the chunks: a crash between the two only makes
+the next aggregator read again chunks that are then found stored, so nothing is lost and nothing
+is stored twice.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from services.logging.changes import Changes
-from services.logging.ingest import LEVEL_ALIASES, LEVELS
+from services.logging.chunks import Chunk, Followed, read_chunk
 from services.logging.store import LogStore
-
-MAX_READ = 4 * 1024 * 1024
-MAX_LINE = 64 * 1024
 
 Sink = Callable[[list[dict[str, Any]]], Awaitable[None]]
 
 
-@dataclass
-class Followed:
-    inode: int
-    offset: int
+@dataclass(frozen=True)
+class Source:
+    """A file to read in a round: a followed file, or the file a followed one was renamed to
+    (rotated: read to its very end first, then ``then`` is the inode to go on with)."""
 
+    key: str
+    state: Followed
+    path: Path
+    then: int | None = None
 
-def describe(path: Path, logs_dir: Path) -> tuple[str, str | None, str]:
-    """(service, deployment id, stream) of a followed file."""
-    if path.parent.name == "apps":
-        return "app", path.stem, "output"
-    name = path.name.removesuffix(".log")
-    service, _, stream = name.rpartition(".")
-    if stream not in ("out", "err"):
-        return name, None, "log"
-    return service, None, stream
+    def read(self) -> Chunk | None:
+        try:
+            return read_chunk(
+                path=self.path, key=self.key, state=self.state, final=self.then is not None
+            )
+        except FileNotFoundError:  # removed since it was looked at: nothing more to read
+            return None
 
-
-def line_record(
-    line: bytes, *, path: Path, inode: int, offset: int, logs_dir: Path
-) -> dict[str, Any]:
-    service, dep, stream = describe(path, logs_dir)
-    text = line.decode(errors="replace").rstrip("\r\n")[:MAX_LINE]
-    record: dict[str, Any] = {
-        "_id": f"{inode}:{offset}",
-        "time": datetime.now(UTC),
-        "service": service,
-        "level": "info",
-        "message": text,
-        "stream": stream,
-        "file": path.name,
-    }
-    parsed = _json_line(text)
-    if parsed is not None:
-        level = str(parsed.get("level", "info")).lower()
-        record["level"] = (
-            LEVEL_ALIASES.get(level, level) if level in (*LEVELS, *LEVEL_ALIASES) else "info"
-        )
-        record["message"] = str(parsed.get("message", text))
-        for key in ("id", "template"):
-            if isinstance(parsed.get(key), str):
-                record[key] = parsed[key]
-    elif stream == "err" and any(w in text.lower() for w in ("error", "fatal", "traceback")):
-        record["level"] = "error"
-    if dep:
-        record["id"] = dep
-    return record
-
-
-def _json_line(text: str) -> dict[str, Any] | None:
-    if not text.startswith("{"):
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) and "message" in value else None
+    def after(self, chunk: Chunk | None) -> Source | None:
+        """What is left to read once ``chunk`` (None: nothing whole was left) is stored and
+        ``state.offset`` moved to where it ends."""
+        if chunk is not None and (chunk.full or self.state.offset < chunk.end):
+            return self  # more in this file (or the stored chunk was shorter than this one)
+        if self.then is None:
+            return None
+        self.state.inode, self.state.offset = self.then, 0  # the rotated file is finished
+        return Source(key=self.key, state=self.state, path=Path(self.key))
 
 
 class Tailer:
@@ -139,75 +114,71 @@ class Tailer:
                 await self.poll_once()
                 rescan_at = time.monotonic() + self.rescan
             else:
-                for path in sorted(p for p in changed if self._wanted(p)):
-                    await self._follow(path)
+                await self.follow(sorted(p for p in changed if self._wanted(p)))
             with anyio.move_on_after(rescan_at - time.monotonic()):
                 await changes.arrived()
             await anyio.sleep(self.settle)
 
     async def poll_once(self) -> int:
-        total = 0
-        for path in self.candidates():
-            total += await self._follow(path)
+        return await self.follow(self.candidates())
+
+    async def follow(self, paths: list[Path]) -> int:
+        """Read and store what was added to ``paths`` (one round); returns the lines stored."""
+        stats = await self._look(paths)
+        sources = [s for p, st in stats.items() if (s := self._source(p, st)) is not None]
+        total, read = 0, set[str]()
+        while sources:
+            chunks = [(source, source.read()) for source in sources]
+            read.update(source.key for source, chunk in chunks if chunk is not None)
+            total += await self._store(chunks)
+            sources = [s for source, chunk in chunks if (s := source.after(chunk)) is not None]
+        await self.store.set_offsets({key: self._files[key] for key in sorted(read)})
         return total
 
-    async def _follow(self, path: Path) -> int:
+    async def _look(self, paths: list[Path]) -> dict[Path, os.stat_result]:
+        """The files of ``paths`` still there; those seen for the first time get their saved
+        offsets (or start at their beginning)."""
+        stats = {}
+        for path in paths:
+            try:
+                stats[path] = path.stat()
+            except FileNotFoundError:
+                continue
+        first = [str(p) for p in stats if str(p) not in self._files]
+        saved = await self.store.get_offsets(first)
+        for path, st in stats.items():
+            self._files.setdefault(str(path), saved.get(str(path), Followed(st.st_ino, 0)))
+        return stats
+
+    def _source(self, path: Path, st: os.stat_result) -> Source | None:
+        """What to read of a followed file in this round, if anything."""
         key = str(path)
-        try:
-            st = path.stat()  # noqa: ASYNC240 - stat of a local file that just changed
-        except FileNotFoundError:
-            return 0
-        state = self._files.get(key)
-        if state is None:
-            saved = await self.store.get_offset(key)
-            state = Followed(*saved) if saved else Followed(st.st_ino, 0)
-            self._files[key] = state
-        total = 0
+        state = self._files[key]
         if state.inode != st.st_ino:  # rotated: finish the old file first, wherever it went
             rotated = _find_inode(path, state.inode)
             if rotated is not None:
-                total += await self._read(rotated, key, state, final=True)
+                return Source(key=key, state=state, path=rotated, then=st.st_ino)
             state.inode, state.offset = st.st_ino, 0
         elif st.st_size < state.offset:  # truncated
             state.offset = 0
         elif st.st_size == state.offset:  # nothing new: no need to open it
-            return total
-        total += await self._read(path, key, state, final=False)
-        return total
+            return None
+        return Source(key=key, state=state, path=path)
 
-    async def _read(self, path: Path, key: str, state: Followed, *, final: bool) -> int:
-        total = 0
-        while True:
-            with open(path, "rb") as fh:  # noqa: ASYNC230 - a bounded read of a local file
-                fh.seek(state.offset)
-                chunk = fh.read(MAX_READ)
-            if not chunk:
-                return total
-            end = chunk.rfind(b"\n") + 1
-            if end == 0:
-                if not final and len(chunk) < MAX_READ:
-                    return total  # a partial last line: wait for its end
-                end = len(chunk)
-            records, offset = [], state.offset
-            for line in chunk[:end].splitlines(keepends=True):
-                if line.strip():
-                    records.append(
-                        line_record(
-                            line,
-                            path=Path(key),
-                            inode=state.inode,
-                            offset=offset,
-                            logs_dir=self.logs_dir,
-                        )
-                    )
-                offset += len(line)
-            chunk_id = f"tail:{key}:{state.inode}:{state.offset}"
-            stored_end = await self.store.insert_chunk(chunk_id, records, state.offset + end)
-            if stored_end == state.offset + end:
-                await self.sink(records)
-            state.offset = stored_end
-            await self.store.set_offset(key, state.inode, state.offset)
-            total += len(records)
+    async def _store(self, chunks: list[tuple[Source, Chunk | None]]) -> int:
+        """Store one pass's chunks, move each file's offset to where its chunk ends, and hand
+        the lines stored now to the live tail; returns their number."""
+        stored_before = await self.store.insert_chunks([c for _, c in chunks if c is not None])
+        new: list[dict[str, Any]] = []
+        for source, chunk in chunks:
+            if chunk is None:
+                continue
+            source.state.offset = stored_before.get(chunk.chunk_id, chunk.end)
+            if chunk.chunk_id not in stored_before:
+                new += chunk.records
+        if new:
+            await self.sink(new)
+        return len(new)
 
 
 def _find_inode(path: Path, inode: int) -> Path | None:

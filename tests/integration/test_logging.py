@@ -9,22 +9,26 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from harness import Database, DeployServer, LoggingServer, wait_for
+from pymongo import MongoClient
 
+from services.logging.chunks import MAX_LINES, Followed, read_chunk
 from services.logging.sink import AggregatorSink
+from services.logging.store import LogStore
 
 
 @pytest.fixture
 def logging_factory(tmp_path: Path, database: Database) -> Iterator[Callable[..., LoggingServer]]:
     servers: list[LoggingServer] = []
 
-    def make(**options: Any) -> LoggingServer:
-        server = LoggingServer(tmp_path / f"logging{len(servers)}", database, **options)
+    def make(*, db: Database | None = None, start: bool = True, **options: Any) -> LoggingServer:
+        server = LoggingServer(tmp_path / f"logging{len(servers)}", db or database, **options)
         server.workdir.mkdir(exist_ok=True)
         servers.append(server)
-        return server.start()
+        return server.start() if start else server
 
     yield make
     for server in servers:
@@ -289,3 +293,99 @@ def test_a_sink_with_a_wrong_token_counts_its_records_dropped(
     sink.close(timeout=10)
     assert (sink.pending(), sink.dropped) == (0, 1)
     assert logs.all(service="w") == []
+
+
+def _writes(client: MongoClient[dict[str, Any]]) -> int:
+    """Insert and update commands the database server has run (a many-document one counts 1)."""
+    counters = client.admin.command("serverStatus")["opcounters"]
+    return int(counters["insert"]) + int(counters["update"])
+
+
+def _messages_by_app(logs: LoggingServer) -> dict[str, list[str]]:
+    by_app: dict[str, list[str]] = {}
+    for record in logs.all(service="app"):
+        by_app.setdefault(record["id"], []).append(record["message"])
+    return {app: sorted(messages) for app, messages in by_app.items()}
+
+
+def test_many_app_files_written_at_once_cost_a_few_database_writes(
+    logging_factory: Callable[..., LoggingServer], own_db: Database
+) -> None:
+    """Twenty apps starting at once: each line stored once, in a few database writes for all
+    (not three operations per file), and a restarted aggregator stores none of them again."""
+    logs = logging_factory(db=own_db)
+    apps = logs.home / "logs" / "apps"
+    expected = {f"app{n:02}": sorted(f"app{n:02} line {i}" for i in range(3)) for n in range(20)}
+    with MongoClient(own_db.uri, serverSelectionTimeoutMS=5000) as client:
+        offsets = client[logs.database]["log_offsets"]
+        before = _writes(client)
+        for app, lines in expected.items():
+            (apps / f"{app}.log").write_text("".join(line + "\n" for line in lines))
+        wait_for(
+            lambda: offsets.count_documents({}) == 20, timeout=15, what="the 20 files' offsets"
+        )
+        writes = _writes(client) - before
+        assert _messages_by_app(logs) == expected
+        assert writes <= 6, f"{writes} database writes for 20 files"
+        logs.stop()
+        with (apps / "app00.log").open("a") as fh:
+            fh.write("after restart\n")
+        logs.start()
+        wait_for(lambda: len(logs.all(app="app00")) == 4, timeout=15, what="the line after restart")
+        expected["app00"] = sorted([*expected["app00"], "after restart"])
+        assert _messages_by_app(logs) == expected
+
+
+def test_a_chunk_stored_without_its_offset_is_not_stored_again(
+    logging_factory: Callable[..., LoggingServer], database: Database
+) -> None:
+    """As after a crash between storing a chunk and its offset: the tailer finds the chunk
+    stored, stores none of its lines again and goes on reading where it ended."""
+    logs = logging_factory(start=False)
+    path = logs.home / "logs" / "apps" / "crashed.log"
+    path.write_text("one\ntwo\n")
+    chunk = read_chunk(path=path, key=str(path), state=Followed(path.stat().st_ino, 0), final=False)
+    assert chunk is not None
+
+    async def store_chunk() -> None:
+        store = LogStore(uri=database.uri, database=logs.database)
+        try:
+            assert await store.insert_chunks([chunk]) == {}
+        finally:
+            await store.close()
+
+    anyio.run(store_chunk)
+    with path.open("a") as fh:
+        fh.write("three\n")
+    logs.start()
+    wait_for(lambda: len(logs.all(app="crashed")) >= 3, timeout=15, what="the line after it")
+    with path.open("a") as fh:
+        fh.write("four\n")
+    wait_for(lambda: len(logs.all(app="crashed")) >= 4, timeout=15, what="a line appended")
+    assert _messages_by_app(logs) == {"crashed": ["four", "one", "three", "two"]}
+
+
+def test_a_file_longer_than_a_chunk_is_stored_whole_along_with_the_others(
+    logging_factory: Callable[..., LoggingServer], database: Database
+) -> None:
+    logs = logging_factory()
+    apps = logs.home / "logs" / "apps"
+    lines = MAX_LINES * 2 + 5
+    (apps / "long.log").write_text("".join(f"l{n}\n" for n in range(lines)))
+    (apps / "short.log").write_text("s\n")
+    with MongoClient(database.uri, serverSelectionTimeoutMS=5000) as client:
+        db = client[logs.database]
+
+        def both_offsets() -> dict[str, int] | None:
+            found = {d["_id"]: d["offset"] for d in db["log_offsets"].find()}
+            return found if len(found) == 2 else None
+
+        offsets = wait_for(both_offsets, timeout=30, what="both files' offsets")
+        stored = [line for b in db["log_buckets"].find({"id": "long"}) for line in b["lines"]]
+    assert offsets == {
+        str(apps / "long.log"): (apps / "long.log").stat().st_size,
+        str(apps / "short.log"): 2,
+    }
+    assert len(stored) == lines
+    assert {line["message"] for line in stored} == {f"l{n}" for n in range(lines)}
+    assert [r["message"] for r in logs.all(app="short")] == ["s"]
