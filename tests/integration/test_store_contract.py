@@ -229,3 +229,33 @@ def test_templates_round_trip(make_store: Callable[[], Store]) -> None:
         assert await store.get_template("web") is None
 
     run(make_store, case)
+
+
+def test_writes_on_connections_the_database_broke_by_restarting_still_land(
+    own_db: Database,
+) -> None:
+    """The store runs an operation once more when its connection broke under it (as the
+    driver's retryable writes would): a database restarted between two launches costs them
+    nothing, and each write lands once."""
+
+    async def main() -> None:
+        store = MongoStore(uri=own_db.uri, database=f"restart{secrets.token_hex(4)}")
+        await store.open()
+        try:
+            deps = [_dep() for _ in range(3)]
+            await store.insert(deps[0])
+            own_db.kill9()  # the client's pooled connections are now dead
+            own_db.start()
+            await store.insert(deps[1])
+            moved = await store.move(deps[0].id, Status.DEPLOYED, Change(url="http://a/"))
+            assert moved is not None
+            assert moved.status is Status.DEPLOYED
+            own_db.kill9()
+            own_db.start()
+            await store.insert(deps[2])
+            found = await store.find(statuses=ACTIVE)
+            assert sorted(d.id for d in found) == sorted(d.id for d in deps)
+        finally:
+            await store.close()
+
+    anyio.run(main)
