@@ -13,7 +13,7 @@ import pytest
 from services.deploy_kubernetes.backends import readiness
 from services.deploy_kubernetes.backends.readiness import (
     FIRST_LOOK_FRACTION,
-    OutputHints,
+    OutputWatch,
     StartTimes,
     wait_listening,
 )
@@ -55,11 +55,15 @@ def test_output_wakes_a_pause_before_its_end(tmp_path: Path) -> None:
     output.write_bytes(b"")
 
     async def main() -> None:
-        with OutputHints(output) as hints:
+        watch = OutputWatch()
+        told = asyncio.create_task(watch.run())
+        with watch.hints(output) as hints:
             loop = asyncio.get_running_loop()
             loop.call_later(0.05, lambda: output.write_text("serving on :8888\n"))
             with anyio.fail_after(10):  # the pause alone would last 60 s
                 await hints.pause(soonest=0.0, latest=60.0)
+        told.cancel()
+        watch.close()
 
     asyncio.run(main())
 
@@ -82,7 +86,9 @@ def test_a_slow_app_that_prints_when_it_listens_costs_few_connect_attempts(
     monkeypatch.setattr(readiness, "accepts", counted)
 
     async def main() -> None:
-        with socket.socket() as listener, OutputHints(output) as hints:
+        watch = OutputWatch()
+        told = asyncio.create_task(watch.run())
+        with socket.socket() as listener, watch.hints(output) as hints:
             listener.bind(("127.0.0.1", 0))
             port = listener.getsockname()[1]
 
@@ -99,6 +105,8 @@ def test_a_slow_app_that_prints_when_it_listens_costs_few_connect_attempts(
             await wait_listening(
                 "127.0.0.1", port, deadline=loop.time() + 10, alive=alive, hints=hints
             )
+        told.cancel()
+        watch.close()
 
     asyncio.run(main())
     assert 1 <= attempts <= 30

@@ -44,7 +44,7 @@ from common.errors import ConfigError
 from common.processes import Detached, exited, session_leaders_with, start_time
 from common.settings import LocalSettings
 from services.deploy_kubernetes.backends.base import LaunchSpec, Notify, Observed, State
-from services.deploy_kubernetes.backends.readiness import OutputHints, StartTimes, wait_http
+from services.deploy_kubernetes.backends.readiness import OutputWatch, StartTimes, wait_http
 from services.deploy_kubernetes.errors import LaunchError
 from services.deploy_kubernetes.models import Template, memory_bytes
 
@@ -167,6 +167,7 @@ class LocalBackend:
         self._record_delay = record_delay
         self._children: dict[str, Detached] = {}
         self._starts = StartTimes()
+        self._output = OutputWatch()
         self._background = Supervisor()  # the reapers of our own children
         self.suite = suite_label(state_dir)
         """The label in every app's environment (``BINDER_SUITE``) that finds it again."""
@@ -192,10 +193,11 @@ class LocalBackend:
         self._notify = notify
 
     def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
-        return {"adopted apps": self._watch_adopted}
+        return {"adopted apps": self._watch_adopted, "app output": self._output.run}
 
     async def close(self) -> None:
         await self._background.cancel_all()
+        self._output.close()
 
     async def ping(self) -> None:
         return None
@@ -204,7 +206,7 @@ class LocalBackend:
         return self._state_dir / f"{dep_id}.json"
 
     def _log_path(self, dep_id: str) -> Path:
-        """The app's output (and the wake-ups of its readiness wait: :class:`OutputHints`)."""
+        """The app's output (and the wake-ups of its readiness wait: :class:`OutputWatch`)."""
         return self._log_dir / f"{dep_id}.log"
 
     def _workdir(self, dep_id: str) -> Path:
@@ -368,7 +370,7 @@ class LocalBackend:
             return None
 
         assert observed.target is not None
-        with OutputHints(self._log_path(spec.id)) as hints:
+        with self._output.hints(self._log_path(spec.id)) as hints:
             await wait_http(
                 observed.target + spec.base_url,
                 deadline=deadline,

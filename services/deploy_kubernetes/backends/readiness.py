@@ -6,7 +6,7 @@ Connect attempts are spent only while the app may be listening: the first waits 
 the quickest recent start of its template (:class:`StartTimes`); the next ones come after a
 fraction of the time taken so far, so their number grows with the logarithm of the start time,
 not with the time. Where the app's output is a file (the local backend), the kernel tells of
-each write (:class:`OutputHints`) and an attempt follows at once: most servers print a line once
+each write (:class:`OutputWatch`) and an attempt follows at once: most servers print a line once
 they listen, so they are seen at that moment and the fallback schedule can be sparse.
 """
 
@@ -15,14 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Protocol
 
 import anyio
@@ -39,7 +37,7 @@ far (bounded below and above): a fast app is seen within a few milliseconds of l
 one costs a few dozen connect attempts, not one per 20 ms."""
 LISTEN_POLL_BOUNDS = (0.002, 0.1)
 HINTED_POLL_FRACTION = 0.25
-"""The same where the app's output wakes the wait (:class:`OutputHints`): an app that prints
+"""The same where the app's output wakes the wait (:class:`OutputWatch`): an app that prints
 nothing when it listens is seen at most a quarter of its start time late."""
 HINTED_POLL_BOUNDS = (0.002, 2.0)
 HINT_GAP_FRACTION = 0.05
@@ -63,44 +61,64 @@ class Hints(Protocol):
         """Wait ``latest`` seconds, or less: from ``soonest`` on, until a sign comes."""
 
 
-class OutputHints:
-    """The writes to an app's output file, as the kernel tells (inotify), as :class:`Hints`.
+class OutputWatch:
+    """The writes to starting apps' output files, as the kernel tells (inotify), as
+    :class:`Hints`: one watch per file while its app starts, on one inotify instance for the
+    backend's life (closing an instance waits out a kernel grace period: up to 15 ms of a
+    blocked event loop, measured here, where removing a watch costs microseconds). :meth:`run`
+    hands the kernel's events out as they come; nothing runs in between."""
 
-    A file that cannot be watched gives no signs: the waits then run their whole length."""
-
-    def __init__(self, path: Path) -> None:
+    def __init__(self) -> None:
         self._inotify: Inotify | None = Inotify()
-        os.set_blocking(self._inotify.fd, False)  # drained without waiting (see pause)
-        try:
-            self._inotify.add_watch(path, Mask.MODIFY)
-        except OSError:
-            self.close()
-
-    def __enter__(self) -> OutputHints:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._woken: dict[int, asyncio.Event] = {}
 
     def close(self) -> None:
         if self._inotify is not None:
             self._inotify.close()
             self._inotify = None
 
-    async def pause(self, *, soonest: float, latest: float) -> None:
+    async def run(self) -> None:
+        """Wake the waits of the files written (a loop for the server's supervisor)."""
         if self._inotify is None:
-            await anyio.sleep(latest)
             return
+        async for event in self._inotify:
+            if event.watch is not None and (woken := self._woken.get(event.watch.wd)):
+                woken.set()
+
+    @contextlib.contextmanager
+    def hints(self, path: Path) -> Iterator[Hints]:
+        """Signs of progress of the app writing ``path`` (none when it cannot be watched)."""
+        try:
+            watch = self._inotify.add_watch(path, Mask.MODIFY) if self._inotify else None
+        except OSError:
+            watch = None
+        if watch is None:
+            yield _NoHints()
+            return
+        woken = self._woken[watch.wd] = asyncio.Event()
+        try:
+            yield _Woken(woken)
+        finally:
+            self._woken.pop(watch.wd, None)
+            if self._inotify is not None:
+                with contextlib.suppress(OSError):  # the file is gone: so is its watch
+                    self._inotify.rm_watch(watch)
+
+
+class _Woken:
+    def __init__(self, event: asyncio.Event) -> None:
+        self._event = event
+
+    async def pause(self, *, soonest: float, latest: float) -> None:
         await anyio.sleep(soonest)
         with anyio.move_on_after(max(0.0, latest - soonest)):
-            await anyio.wait_readable(self._inotify.fd)
-        with contextlib.suppress(BlockingIOError):  # what was told is taken: one wake per pause
-            os.read(self._inotify.fd, 64 * 1024)
+            await self._event.wait()
+        self._event.clear()
+
+
+class _NoHints:
+    async def pause(self, *, soonest: float, latest: float) -> None:
+        await anyio.sleep(latest)
 
 
 @functools.cache
