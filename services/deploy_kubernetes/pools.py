@@ -38,6 +38,10 @@ class Pools:
         self._changed = changed
         self._refilling = asyncio.Lock()
         """One refill at a time (the loop's and a resize's), so none starts an instance twice."""
+        self._none_pooled = False
+        """A refill found no pooled instance while no template wanted one. Only refills start
+        pooled instances, so the next ones need no database read (one per launch that ends,
+        otherwise) until a template has a pool again."""
 
     async def state(self, template_name: str) -> dict[str, object]:
         template = self._catalog.get(template_name)
@@ -71,7 +75,13 @@ class Pools:
             await self._refill()
 
     async def _refill(self) -> None:
+        wanted = any(t.pool_size for t in self._catalog.all())
+        if self._none_pooled and not wanted:
+            for template in self._catalog.all():
+                self._metrics.pooled.labels(template=template.name).set(0)
+            return
         pooled = await self._records.find(pooled=True, statuses=ACTIVE)
+        self._none_pooled = not pooled and not wanted
         by_template: dict[str, list[Deployment]] = {}
         for dep in pooled:
             by_template.setdefault(dep.template, []).append(dep)

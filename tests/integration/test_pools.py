@@ -137,3 +137,23 @@ def test_an_answered_claim_survives_kill9_and_is_never_handed_out_again(
     assert [d["status"] for d in later] == ["deployed", "deployed"]
     assert mine not in {d["id"] for d in later}, "a claimed instance was handed out again"
     assert _users_active(deploy, "pooled") == 3
+
+
+def test_a_pool_emptied_then_wanted_again_is_retired_then_refilled(deploy: DeployServer) -> None:
+    """Once no template has a pool and none is left, refills skip their database read; a pool
+    wanted again must still be filled, and one emptied must still be retired."""
+    _resize(deploy, "example", 2)
+    _ready(deploy, "example", 2)
+    _resize(deploy, "example", 0)
+    wait_for(
+        lambda: _pool(deploy, "example")["ready"] + _pool(deploy, "example")["starting"] == 0,
+        timeout=30,
+        what="the emptied pool's instances retired",
+    )
+    for _ in range(3):  # launches that end wake refills, which find nothing to do
+        launched = httpx.post(f"{deploy.url}/applications/example", timeout=30)
+        assert launched.status_code == 200, launched.text
+    _resize(deploy, "example", 1)
+    _ready(deploy, "example", 1)
+    claimed = httpx.post(f"{deploy.url}/applications/example", timeout=30).json()
+    assert claimed["status"] == "deployed"  # from the pool, at once
