@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json as jsonlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,9 +72,11 @@ async def request(
     headers: Mapping[str, str] | None = None,
     json: Any = None,
     seconds: float,
+    until: Callable[[bytes], bool] | None = None,
 ) -> Answer:
     """One request to ``url`` (``http://`` only), answered within ``seconds``;
-    ``RequestError`` when it fails in any way."""
+    ``RequestError`` when it fails in any way. With ``until``, the answer is read only until
+    ``until(the body so far)`` is true (a stream's, such as server-sent events)."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"not a plain http URL: {url}")
@@ -97,6 +99,8 @@ async def request(
                     if not data:  # closed: an answer without a length ends here
                         break
                     parser.feed_data(data)
+                    if until is not None and until(bytes(reader.body)):
+                        break
             finally:
                 writer.close()
     except (OSError, TimeoutError, httptools.HttpParserError) as exc:

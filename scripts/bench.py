@@ -93,7 +93,7 @@ DOCKER_TEMPLATE = {
 }
 
 
-def bench_launch(runs: int, backend: str, bursts: int = 3) -> None:
+def bench_launch(runs: int, backend: str, bursts: int = 3, client: str = "light") -> None:
     if backend == "kubernetes":
         from bench_kube import bench_launch_kubernetes
 
@@ -102,7 +102,7 @@ def bench_launch(runs: int, backend: str, bursts: int = 3) -> None:
         return bench_launch_container(runs, backend)
     import bench_launch as local
 
-    figures, targets = local.run(runs, bursts)
+    figures, targets = local.run(runs, bursts, client)
     report("launch", figures, targets)
 
 
@@ -317,6 +317,13 @@ def main() -> None:
     launch.add_argument("--runs", type=int, default=None, help="50 (local) or 30 (containers)")
     launch.add_argument("--backend", choices=["local", "docker", "kubernetes"], default="local")
     launch.add_argument("--bursts", type=int, default=3, help="bursts of 10 (local; median taken)")
+    launch.add_argument(
+        "--client",
+        choices=["light", "httpx"],
+        default="light",
+        help="how the local launches are made: one plain request each, read by httptools "
+        "(light), or httpx (about five times the CPU, on the same two cores as the suite)",
+    )
     status = sub.add_parser("status")
     status.add_argument("--seconds", type=int, default=10)
     logs = sub.add_parser("logs")
@@ -335,7 +342,7 @@ def main() -> None:
     if args.what in ("launch", "all"):
         backend = getattr(args, "backend", "local")
         runs = getattr(args, "runs", None) or 30
-        bench_launch(runs, backend, getattr(args, "bursts", 3))
+        bench_launch(runs, backend, getattr(args, "bursts", 3), getattr(args, "client", "light"))
     if args.what in ("status", "all"):
         bench_status(getattr(args, "seconds", 10))
     if args.what in ("logs", "all"):

@@ -139,3 +139,26 @@ def test_the_proxy_client_takes_a_404_as_a_missing_route_only() -> None:
         "proxy API answered 404 to GET /api/routes",
         "proxy API answered 404 to GET /api/routes",
     ]
+
+
+def test_a_stream_is_read_only_until_what_was_awaited_came() -> None:
+    """An events stream that stays open: the request ends once ``until`` is satisfied."""
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for event in (b"data: deploying\n\n", b"data: deployed\n\n"):
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            await reader.read()  # never ends on its own: only when the client hangs up
+        finally:
+            writer.close()
+
+    async def call(url: str) -> object:
+        return await request(url, seconds=10, until=lambda body: b"deployed" in body)
+
+    answer = served(stream, call)
+    assert answer.status == 200  # type: ignore[attr-defined]
+    assert answer.body.endswith(b"data: deployed\n\n")  # type: ignore[attr-defined]
