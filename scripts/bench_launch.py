@@ -175,8 +175,8 @@ def _last_status(body: bytes) -> str:
     status = "deploying"
     for line in body.split(b"\n"):
         if line.startswith(b"data: "):
-            with contextlib.suppress(ValueError):
-                status = json.loads(line[6:])["status"]
+            with contextlib.suppress(ValueError, AttributeError):
+                status = json.loads(line[6:]).get("status", status)  # progress: no status
     return status
 
 

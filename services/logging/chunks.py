@@ -109,15 +109,22 @@ def line_record(line: bytes, *, path: Path, inode: int, offset: int) -> dict[str
         record["level"] = (
             LEVEL_ALIASES.get(level, level) if level in (*LEVELS, *LEVEL_ALIASES) else "info"
         )
-        record["message"] = str(parsed.get("message", text))
+        record["message"] = storable(str(parsed.get("message", text)))
         for key in ("id", "template"):
             if isinstance(parsed.get(key), str):
-                record[key] = parsed[key]
+                record[key] = storable(parsed[key])
     elif stream == "err" and any(w in text.lower() for w in ("error", "fatal", "traceback")):
         record["level"] = "error"
     if dep:
         record["id"] = dep
     return record
+
+
+def storable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a JSON line's escapes can make lone surrogates
+    (``"\\ud800"``), which no database document can store, so one printed line would stop the
+    tailing of its file for good."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _json_line(text: str) -> dict[str, Any] | None:

@@ -18,6 +18,8 @@ from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
+import bson
+from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReplaceOne
 from pymongo.errors import BulkWriteError, PyMongoError
 
@@ -92,6 +94,18 @@ def chunk_bucket(chunk: Chunk) -> dict[str, Any]:
     return bucket
 
 
+def _storable(bucket: dict[str, Any]) -> dict[str, Any]:
+    """``bucket``, or when no document can hold it, one that says so in its place (same id and
+    end, so reading goes on after it and the gap shows)."""
+    try:
+        bson.encode(bucket)
+    except (InvalidDocument, UnicodeError) as exc:
+        first = bucket["lines"][0]
+        note = {**first, "level": "error", "message": f"{bucket['n']} lines not storable: {exc}"}
+        return {**bucket, "lines": [note], "n": 1, "levels": ["error"]}
+    return bucket
+
+
 def _line_record(bucket: dict[str, Any], line: dict[str, Any]) -> dict[str, Any]:
     record = {k: v for k, v in line.items() if k != "rid"}
     record["_id"] = line["rid"]
@@ -156,7 +170,11 @@ class LogStore:
         if not docs:
             return {}
         try:
-            await self._buckets.insert_many(docs, ordered=False)
+            try:
+                await self._buckets.insert_many(docs, ordered=False)
+            except (InvalidDocument, UnicodeError):
+                docs = [_storable(doc) for doc in docs]  # one bad chunk must not stop the rest
+                await self._buckets.insert_many(docs, ordered=False)
             return {}
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])

@@ -17,7 +17,9 @@ rotated file was just finished, is read again in a next pass), one insert of all
 only when some were stored before, one query for where those end); last, one write of the offsets
 of every file read. The offsets are written after the chunks: a crash between the two only makes
 the next aggregator read again chunks that are then found stored, so nothing is lost and nothing
-is stored twice.
+is stored twice. A pass reads at most ``PASS_FILES`` files and a round makes at most
+``ROUND_PASSES`` passes, so its memory and its length are bounded however fast a file grows: what
+is left is read in the next round, which comes at once.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from services.logging.chunks import Chunk, Followed, read_chunk
 from services.logging.store import LogStore
 
 Sink = Callable[[list[dict[str, Any]]], Awaitable[None]]
+PASS_FILES = 16
+ROUND_PASSES = 8
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class Tailer:
         starting) is read in as few chunks, and database writes, as the former 0.25 s poll."""
         self.rescan = rescan_seconds
         self._files: dict[str, Followed] = {}
+        self._more: set[Path] = set()
+        """Files a round left with more to read: the next round reads them first."""
 
     def candidates(self) -> list[Path]:
         files = [*self.logs_dir.glob("*.log"), *(self.logs_dir / "apps").glob("*.log")]
@@ -114,10 +120,14 @@ class Tailer:
                 await self.poll_once()
                 rescan_at = time.monotonic() + self.rescan
             else:
-                await self.follow(sorted(p for p in changed if self._wanted(p)))
-            with anyio.move_on_after(rescan_at - time.monotonic()):
+                await self.follow(sorted(self._more | {p for p in changed if self._wanted(p)}))
+            with anyio.move_on_after(0 if self._more else rescan_at - time.monotonic()):
                 await changes.arrived()
             await anyio.sleep(self.settle)
+
+    def pending(self) -> set[Path]:
+        """Files the last round left with more to read."""
+        return set(self._more)
 
     async def poll_once(self) -> int:
         return await self.follow(self.candidates())
@@ -127,11 +137,15 @@ class Tailer:
         stats = await self._look(paths)
         sources = [s for p, st in stats.items() if (s := self._source(p, st)) is not None]
         total, read = 0, set[str]()
-        while sources:
-            chunks = [(source, source.read()) for source in sources]
+        for _ in range(ROUND_PASSES):
+            if not sources:
+                break
+            now, later = sources[:PASS_FILES], sources[PASS_FILES:]
+            chunks = [(source, source.read()) for source in now]
             read.update(source.key for source, chunk in chunks if chunk is not None)
             total += await self._store(chunks)
-            sources = [s for source, chunk in chunks if (s := source.after(chunk)) is not None]
+            sources = later + [s for source, chunk in chunks if (s := source.after(chunk))]
+        self._more = {Path(source.key) for source in sources}
         await self.store.set_offsets({key: self._files[key] for key in sorted(read)})
         return total
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ import pytest
 from harness import Database, DeployServer, LoggingServer, wait_for
 from pymongo import MongoClient
 
+from services.logging import chunks, tail
 from services.logging.chunks import MAX_LINES, Followed, read_chunk
 from services.logging.sink import AggregatorSink
 from services.logging.store import LogStore
@@ -389,3 +391,52 @@ def test_a_file_longer_than_a_chunk_is_stored_whole_along_with_the_others(
     assert len(stored) == lines
     assert {line["message"] for line in stored} == {f"l{n}" for n in range(lines)}
     assert [r["message"] for r in logs.all(app="short")] == ["s"]
+
+
+def test_a_line_no_document_can_hold_stops_nothing(
+    logging_factory: Callable[..., LoggingServer],
+) -> None:
+    """A JSON line whose escapes make a lone surrogate (which BSON cannot encode) is stored
+    mended, and the files read with it in the same round are stored too."""
+    logs = logging_factory()
+    apps = logs.home / "logs" / "apps"
+    (apps / "hostile.log").write_text('{"message": "x \\ud800 y"}\nafter\n')
+    (apps / "beside.log").write_text("beside\n")
+    wait_for(lambda: len(logs.all(service="app")) == 3, timeout=15, what="all three lines")
+    messages = _messages_by_app(logs)
+    assert messages["beside"] == ["beside"]
+    assert messages["hostile"] == ["after", "x ? y"]
+
+
+def test_a_round_is_bounded_and_the_next_goes_on_at_once(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However much a file holds, a round reads a bounded number of chunks; the rest is read by
+    the rounds that follow, without waiting for the file to change again."""
+    monkeypatch.setattr(chunks, "MAX_LINES", 10)
+    monkeypatch.setattr(tail, "ROUND_PASSES", 2)
+    logs_dir = tmp_path / "logs"
+    (logs_dir / "apps").mkdir(parents=True)
+    path = logs_dir / "apps" / "busy.log"
+    path.write_text("".join(f"line {n}\n" for n in range(95)))
+    fed: list[dict[str, Any]] = []
+
+    async def feed(records: list[dict[str, Any]]) -> None:
+        fed.extend(records)
+
+    async def rounds() -> list[int]:
+        store = LogStore(uri=database.uri, database=f"rounds{secrets.token_hex(4)}")
+        await store.open()
+        tailer = tail.Tailer(logs_dir=logs_dir, store=store, sink=feed)
+        try:
+            counts = [await tailer.follow([path])]
+            while tailer.pending():
+                counts.append(await tailer.follow(sorted(tailer.pending())))
+            return counts
+        finally:
+            await store.close()
+
+    counts = anyio.run(rounds)
+    assert counts[0] == 20  # two passes of ten lines
+    assert sum(counts) == 95
+    assert [r["message"] for r in fed] == [f"line {n}" for n in range(95)]

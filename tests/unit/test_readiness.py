@@ -17,6 +17,7 @@ from services.deploy_kubernetes.backends.readiness import (
     StartTimes,
     wait_listening,
 )
+from services.deploy_kubernetes.errors import LaunchError
 
 
 def test_first_look_follows_the_quickest_recent_start_of_the_template() -> None:
@@ -58,6 +59,7 @@ def test_output_wakes_a_pause_before_its_end(tmp_path: Path) -> None:
         watch = OutputWatch()
         told = asyncio.create_task(watch.run())
         with watch.hints(output) as hints:
+            assert hints is not None
             loop = asyncio.get_running_loop()
             loop.call_later(0.05, lambda: output.write_text("serving on :8888\n"))
             with anyio.fail_after(10):  # the pause alone would last 60 s
@@ -89,6 +91,7 @@ def test_a_slow_app_that_prints_when_it_listens_costs_few_connect_attempts(
         watch = OutputWatch()
         told = asyncio.create_task(watch.run())
         with socket.socket() as listener, watch.hints(output) as hints:
+            assert hints is not None
             listener.bind(("127.0.0.1", 0))
             port = listener.getsockname()[1]
 
@@ -110,3 +113,55 @@ def test_a_slow_app_that_prints_when_it_listens_costs_few_connect_attempts(
 
     asyncio.run(main())
     assert 1 <= attempts <= 30
+
+
+def test_an_app_that_writes_all_the_while_wakes_the_server_once_per_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output watch is one-shot, armed again at each look: a thousand writes while the app
+    starts cost a look each at most, not a wake-up each."""
+    output = tmp_path / "app.log"
+    output.write_bytes(b"")
+    attempts = 0
+    knock = readiness.accepts
+
+    async def counted(host: str, port: int) -> bool:
+        nonlocal attempts
+        attempts += 1
+        return await knock(host, port)
+
+    monkeypatch.setattr(readiness, "accepts", counted)
+    writes = 0
+
+    async def main() -> None:
+        nonlocal writes
+        watch = OutputWatch()
+        told = asyncio.create_task(watch.run())
+        with socket.socket() as never, watch.hints(output) as hints, output.open("ab") as out:
+            never.bind(("127.0.0.1", 0))  # bound, never listening: refused
+            port = never.getsockname()[1]
+            loop = asyncio.get_running_loop()
+
+            async def chatty() -> None:
+                nonlocal writes
+                while True:
+                    out.write(b"progress\n")
+                    out.flush()
+                    writes += 1
+                    await asyncio.sleep(0.0005)
+
+            async def alive() -> str | None:
+                return None
+
+            writer = asyncio.create_task(chatty())
+            with pytest.raises(LaunchError):
+                await wait_listening(
+                    "127.0.0.1", port, deadline=loop.time() + 1.0, alive=alive, hints=hints
+                )
+            writer.cancel()
+        told.cancel()
+        watch.close()
+        assert watch.told <= attempts + 1
+
+    asyncio.run(main())
+    assert writes > 500

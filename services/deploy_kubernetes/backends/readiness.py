@@ -25,7 +25,8 @@ from typing import Protocol
 
 import anyio
 import httpx
-from asyncinotify import Inotify, Mask
+from asyncinotify import Inotify, Mask, Watch
+from loguru import logger
 
 from common.local_http import RequestError, request
 from common.proxy import PROBE_AGENT
@@ -65,12 +66,20 @@ class OutputWatch:
     """The writes to starting apps' output files, as the kernel tells (inotify), as
     :class:`Hints`: one watch per file while its app starts, on one inotify instance for the
     backend's life (closing an instance waits out a kernel grace period: up to 15 ms of a
-    blocked event loop, measured here, where removing a watch costs microseconds). :meth:`run`
-    hands the kernel's events out as they come; nothing runs in between."""
+    blocked event loop, measured here, where a watch costs microseconds). A watch is one-shot:
+    the kernel tells of the first write after it is armed, then of nothing until the wait has
+    looked and armed it again, so an app that writes all the while it starts wakes the server
+    once per look, not once per write. :meth:`run` hands the kernel's events out as they come."""
 
     def __init__(self) -> None:
-        self._inotify: Inotify | None = Inotify()
+        try:
+            self._inotify: Inotify | None = Inotify()
+        except OSError as exc:  # the user's inotify instances used up, say: slower, not broken
+            logger.warning("readiness without output hints: {}", exc)
+            self._inotify = None
         self._woken: dict[int, asyncio.Event] = {}
+        self.told = 0
+        """Events handed out so far."""
 
     def close(self) -> None:
         if self._inotify is not None:
@@ -83,42 +92,66 @@ class OutputWatch:
             return
         async for event in self._inotify:
             if event.watch is not None and (woken := self._woken.get(event.watch.wd)):
+                self.told += 1
                 woken.set()
 
     @contextlib.contextmanager
-    def hints(self, path: Path) -> Iterator[Hints]:
-        """Signs of progress of the app writing ``path`` (none when it cannot be watched)."""
-        try:
-            watch = self._inotify.add_watch(path, Mask.MODIFY) if self._inotify else None
-        except OSError:
-            watch = None
-        if watch is None:
-            yield _NoHints()
+    def hints(self, path: Path) -> Iterator[Hints | None]:
+        """Signs of progress of the app writing ``path``; None when it cannot be watched."""
+        hints = _OutputHints(self, path)
+        if not hints.arm():
+            yield None
             return
-        woken = self._woken[watch.wd] = asyncio.Event()
         try:
-            yield _Woken(woken)
+            yield hints
         finally:
-            self._woken.pop(watch.wd, None)
-            if self._inotify is not None:
-                with contextlib.suppress(OSError):  # the file is gone: so is its watch
-                    self._inotify.rm_watch(watch)
+            hints.disarm()
+
+    def arm(self, path: Path, woken: asyncio.Event) -> Watch | None:
+        """Set ``woken`` at the next write to ``path`` (once); None when it cannot be watched."""
+        if self._inotify is None:
+            return None
+        try:
+            watch = self._inotify.add_watch(path, Mask.MODIFY | Mask.ONESHOT)
+        except OSError:
+            return None
+        self._woken[watch.wd] = woken
+        return watch
+
+    def disarm(self, watch: Watch) -> None:
+        self._woken.pop(watch.wd, None)
+        if self._inotify is not None:
+            with contextlib.suppress(OSError):  # it fired (one-shot), or the file is gone
+                self._inotify.rm_watch(watch)
 
 
-class _Woken:
-    def __init__(self, event: asyncio.Event) -> None:
-        self._event = event
+class _OutputHints:
+    """One starting app's output, as :class:`Hints`."""
+
+    def __init__(self, owner: OutputWatch, path: Path) -> None:
+        self._owner = owner
+        self._path = path
+        self._woken = asyncio.Event()
+        self._watch: Watch | None = None
+
+    def arm(self) -> bool:
+        if self._watch is not None:
+            self._owner.disarm(self._watch)
+        self._watch = self._owner.arm(self._path, self._woken)
+        return self._watch is not None
+
+    def disarm(self) -> None:
+        if self._watch is not None:
+            self._owner.disarm(self._watch)
+            self._watch = None
 
     async def pause(self, *, soonest: float, latest: float) -> None:
         await anyio.sleep(soonest)
         with anyio.move_on_after(max(0.0, latest - soonest)):
-            await self._event.wait()
-        self._event.clear()
-
-
-class _NoHints:
-    async def pause(self, *, soonest: float, latest: float) -> None:
-        await anyio.sleep(latest)
+            await self._woken.wait()
+        if self._woken.is_set():  # the one-shot watch fired and is gone: armed again before
+            self._woken.clear()  # the look that follows, so a write during it is told
+            self.arm()
 
 
 @functools.cache
