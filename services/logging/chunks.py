@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services.logging.ingest import LEVEL_ALIASES, LEVELS
+from services.logging.ingest import LEVEL_ALIASES, LEVELS, storable
 
 MAX_READ = 4 * 1024 * 1024
 MAX_LINE = 64 * 1024
@@ -118,13 +118,6 @@ def line_record(line: bytes, *, path: Path, inode: int, offset: int) -> dict[str
     if dep:
         record["id"] = dep
     return record
-
-
-def storable(text: str) -> str:
-    """``text`` as UTF-8 can hold it: a JSON line's escapes can make lone surrogates
-    (``"\\ud800"``), which no database document can store, so one printed line would stop the
-    tailing of its file for good."""
-    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _json_line(text: str) -> dict[str, Any] | None:

@@ -18,6 +18,19 @@ DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d|w)$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MAX_MESSAGE = 64 * 1024
 MAX_EXTRA = 32
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate: alone, it makes text that no document can store."""
+
+
+def storable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: each lone surrogate (from a JSON escape such as
+    ``"\\ud800"``) becomes ``?``. Stored as it was, it would fail the whole write it is in."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def mended(value: Any) -> Any:
+    """Parsed JSON ``value`` with :func:`storable` text throughout (pairs are whole already)."""
+    return json.loads(json.dumps(value, ensure_ascii=False).encode("utf-8", "replace"))
 
 
 def parse_time(value: str, *, now: datetime | None = None, field: str = "time") -> datetime:
@@ -116,6 +129,8 @@ def parse_body(
                 refused.append(
                     {"index": len(items) - 1, "error": f"line {n + 1}: not JSON ({exc.msg})"}
                 )
+    if SURROGATE_ESCAPE.search(text):
+        items = [mended(item) for item in items]
     records = []
     bad = {r["index"] for r in refused}
     for index, item in enumerate(items):
