@@ -146,49 +146,44 @@ class LogStore:
     async def insert(self, records: list[dict[str, Any]]) -> int:
         """Store ``records``; a batch stored before is skipped. Returns the lines stored now."""
         docs = buckets(records)
-        if not docs:
-            return 0
-        try:
-            await self._buckets.insert_many(docs, ordered=False)
-            return len(records)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(e.get("code") != DUPLICATE_KEY for e in errors):
-                raise BadDatabaseError(
-                    f"database refused records: {errors[0].get('errmsg')}"
-                ) from exc
-            skipped = {docs[e["index"]]["_id"] for e in errors}
-            return sum(d["n"] for d in docs if d["_id"] not in skipped)
-        except PyMongoError as exc:
-            raise BadDatabaseError(f"database unreachable: {exc.__class__.__name__}") from exc
+        before = {d["_id"] for d in await self._insert_new(docs)}
+        return sum(d["n"] for d in docs if d["_id"] not in before)
 
     async def insert_chunks(self, chunks: list[Chunk]) -> dict[str, int]:
         """Store the chunks of followed files, all in one insert. Returns the chunks that were
         stored before (read again after a crash), by id, with the offset each stored one ends
         at: reading goes on there. Every other chunk is stored now."""
         docs = [chunk_bucket(c) for c in chunks if c.records]
-        if not docs:
-            return {}
         try:
-            try:
-                await self._buckets.insert_many(docs, ordered=False)
-            except (InvalidDocument, UnicodeError):
-                docs = [_storable(doc) for doc in docs]  # one bad chunk must not stop the rest
-                await self._buckets.insert_many(docs, ordered=False)
+            again = {d["_id"]: int(d["end"]) for d in await self._insert_new(docs)}
+        except (InvalidDocument, UnicodeError):  # one bad chunk must not stop the rest
+            docs = [_storable(doc) for doc in docs]
+            again = {d["_id"]: int(d["end"]) for d in await self._insert_new(docs)}
+        if not again:
             return {}
+        stored = await _db(
+            self._buckets.find({"_id": {"$in": sorted(again)}}, {"end": 1}).to_list()
+        )
+        return again | {d["_id"]: int(d["end"]) for d in stored}
+
+    async def _insert_new(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Insert buckets ``docs`` in one write; returns those whose ``_id`` was stored before
+        (a batch or chunk sent again), which are left as they are. Anything else the database
+        refuses, or a write it could not journal, is ``BadDatabaseError``."""
+        if not docs:
+            return []
+        try:
+            await self._buckets.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             refused = [e for e in errors if e.get("code") != DUPLICATE_KEY]
             if refused or exc.details.get("writeConcernErrors"):
                 why = refused[0].get("errmsg") if refused else "write concern not met"
                 raise BadDatabaseError(f"database refused log lines: {why}") from exc
-            again = {docs[e["index"]]["_id"]: int(docs[e["index"]]["end"]) for e in errors}
+            return [docs[e["index"]] for e in errors]
         except PyMongoError as exc:
             raise BadDatabaseError(f"database unreachable: {exc.__class__.__name__}") from exc
-        stored = await _db(
-            self._buckets.find({"_id": {"$in": sorted(again)}}, {"end": 1}).to_list()
-        )
-        return again | {d["_id"]: int(d["end"]) for d in stored}
+        return []
 
     async def query(
         self, filters: LogFilters, *, limit: int, cursor: str | None, oldest_first: bool
