@@ -22,6 +22,20 @@ from services.deploy_kubernetes.backends.readiness import (
 from services.deploy_kubernetes.errors import LaunchError
 
 
+@pytest.fixture
+def knocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ports of the connect attempts readiness makes, as it makes them."""
+    made: list[int] = []
+    knock = readiness.accepts
+
+    async def counted(host: str, port: int) -> bool:
+        made.append(port)
+        return await knock(host, port)
+
+    monkeypatch.setattr(readiness, "accepts", counted)
+    return made
+
+
 def test_first_look_follows_the_quickest_recent_start_of_the_template() -> None:
     starts = StartTimes()
     assert starts.first_look("example") == 0.0
@@ -73,21 +87,12 @@ def test_output_wakes_a_pause_before_its_end(tmp_path: Path) -> None:
 
 
 def test_a_slow_app_that_prints_when_it_listens_costs_few_connect_attempts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, knocks: list[int]
 ) -> None:
     """Attempts follow the logarithm of the start time, and the app's line wakes the last one:
     a one-second start costs a couple of dozen attempts (the fixed 10% schedule took 50)."""
     output = tmp_path / "app.log"
     output.write_bytes(b"")
-    attempts = 0
-    knock = readiness.accepts
-
-    async def counted(host: str, port: int) -> bool:
-        nonlocal attempts
-        attempts += 1
-        return await knock(host, port)
-
-    monkeypatch.setattr(readiness, "accepts", counted)
 
     async def main() -> None:
         watch = OutputWatch()
@@ -114,26 +119,17 @@ def test_a_slow_app_that_prints_when_it_listens_costs_few_connect_attempts(
         watch.close()
 
     asyncio.run(main())
-    assert 1 <= attempts <= 30
+    assert 1 <= len(knocks) <= 30
 
 
 def test_an_app_that_writes_all_the_while_wakes_the_server_once_per_look(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, knocks: list[int]
 ) -> None:
     """The output watch is one-shot, armed again at each look: an app writing all the while it
     starts (here from a thread of its own, as fast as it can) costs a wake-up per look at most,
     not one per write."""
     output = tmp_path / "app.log"
     output.write_bytes(b"")
-    attempts = 0
-    knock = readiness.accepts
-
-    async def counted(host: str, port: int) -> bool:
-        nonlocal attempts
-        attempts += 1
-        return await knock(host, port)
-
-    monkeypatch.setattr(readiness, "accepts", counted)
     writes = 0
     done = threading.Event()
 
@@ -172,5 +168,5 @@ def test_an_app_that_writes_all_the_while_wakes_the_server_once_per_look(
         return watch.told
 
     told = asyncio.run(main())
-    assert writes >= 3 * attempts  # an app far chattier than the looks
-    assert told <= attempts + 1
+    assert writes >= 3 * len(knocks)  # an app far chattier than the looks
+    assert told <= len(knocks) + 1
