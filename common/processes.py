@@ -1,10 +1,9 @@
-"""Processes: looking at them through /proc (alive or not, when they started), waiting for their
-end through a pidfd, and spawning apps without copying the server (``posix_spawn``-style)."""
+"""Processes: looking at them through /proc (alive or not, when they started) and waiting for their
+end through a pidfd (spawning apps: :mod:`common.spawn`)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import anyio
@@ -67,15 +66,3 @@ async def exited(pid: int, *, started: int | None = None) -> None:
             await anyio.wait_readable(fd)
     finally:
         os.close(fd)
-
-
-class Detached(subprocess.Popen[bytes]):
-    """A child meant to outlive this process (an app survives a server restart, and is adopted
-    by the next one): one still running when its object goes is not a leak, so no warning.
-
-    Spawned without ``preexec_fn``, user or group changes, Python's ``subprocess`` uses
-    ``vfork``: the server is not copied, so a spawn costs a fraction of a millisecond of its CPU
-    whatever its size (a fork of the deploy server cost 4 to 5 ms, measured)."""
-
-    def __del__(self) -> None:
-        return None

@@ -28,7 +28,6 @@ import shutil
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -41,8 +40,9 @@ from loguru import logger
 
 from common.background import Supervisor
 from common.errors import ConfigError
-from common.processes import Detached, exited, session_leaders_with, start_time
+from common.processes import exited, session_leaders_with, start_time
 from common.settings import LocalSettings
+from common.spawn import Spawned, spawn
 from services.deploy_kubernetes.backends.base import LaunchSpec, Notify, Observed, State
 from services.deploy_kubernetes.backends.readiness import OutputWatch, StartTimes, wait_http
 from services.deploy_kubernetes.errors import LaunchError
@@ -165,7 +165,7 @@ class LocalBackend:
         self._host = host
         self._python = python
         self._record_delay = record_delay
-        self._children: dict[str, Detached] = {}
+        self._children: dict[str, Spawned] = {}
         self._starts = StartTimes()
         self._output = OutputWatch()
         self._background = Supervisor()  # the reapers of our own children
@@ -173,7 +173,7 @@ class LocalBackend:
         """The label in every app's environment (``BINDER_SUITE``) that finds it again."""
         self._notify: Notify | None = None
         self._stopping: set[str] = set()
-        self._exit_codes: dict[str, int] = {}
+        self._exit_codes: dict[str, int | None] = {}
         self._adopted: set[str] = set()
         """Apps of an earlier server whose exit is awaited."""
         self._found = asyncio.Event()
@@ -242,8 +242,8 @@ class LocalBackend:
         limit = memory_bytes(template.limits["memory"]) if "memory" in template.limits else None
         log_path = self._log_path(spec.id)
 
-        async def spawn_and_record() -> tuple[Detached, dict[str, Any]]:
-            proc = self._spawn(argv, env=env, workdir=workdir, log_path=log_path, limit=limit)
+        async def spawn_and_record() -> tuple[Spawned, dict[str, Any]]:
+            proc = await self._spawn(argv, env=env, workdir=workdir, log_path=log_path, limit=limit)
             ref = {
                 "pid": proc.pid,
                 "port": port,
@@ -287,7 +287,7 @@ class LocalBackend:
             out += ["--clear-groups", "--"]
         return out
 
-    def _spawn(
+    async def _spawn(
         self,
         argv: list[str],
         *,
@@ -295,26 +295,20 @@ class LocalBackend:
         workdir: Path,
         log_path: Path,
         limit: int | None,
-    ) -> Detached:
+    ) -> Spawned:
+        """The app started from a worker thread (see :mod:`common.spawn`): concurrent launches'
+        spawns overlap, and the server goes on while each child waits for a core to exec."""
         wrappers = self._wrappers(limit)
         if wrappers and shutil.which(argv[0], path=env.get("PATH")) is None:
             # the wrapper would fail to run it: say so now, as a failed spawn does
             raise LaunchError(f"could not start {argv[0]!r}: no such program")
+        start = functools.partial(spawn, [*wrappers, *argv], env=env, cwd=workdir, output=log_path)
         try:
-            with open(log_path, "ab") as log:
-                return Detached(
-                    [*wrappers, *argv],
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                    cwd=workdir,
-                )
+            return await anyio.to_thread.run_sync(start)
         except OSError as exc:
             raise LaunchError(f"could not start {argv[0]!r}: {exc.strerror or exc}") from exc
 
-    async def _reap(self, dep_id: str, proc: Detached, ref: dict[str, Any]) -> None:
+    async def _reap(self, dep_id: str, proc: Spawned, ref: dict[str, Any]) -> None:
         await exited(proc.pid)
         code = proc.wait()
         self._exit_codes[dep_id] = code

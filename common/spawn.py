@@ -1,0 +1,169 @@
+"""Spawning an app that outlives the server, without holding up the server while it starts.
+
+Python 3.11's ``subprocess`` (the interpreter these machines have) keeps the GIL across its
+``vfork`` until the child has exec'd: on a busy machine the child waits for a core, and every
+thread of the server waits with it (1 to 12 ms per spawn, measured in bursts of 10, so the tenth
+app started 60 to 100 ms after the first). CPython 3.12 drops the GIL there (gh-104372).
+
+:func:`spawn` calls the C library's ``posix_spawn`` through ``ctypes``, which lets go of the GIL
+for the call; run from a worker thread, the server goes on meanwhile and concurrent spawns
+overlap. ``posix_spawn`` creates the child with ``CLONE_VFORK`` too: the server is not copied,
+whatever its size, and a failed exec is its return value. Where the C library lacks the two
+``_np`` file actions used (before glibc 2.34), ``subprocess`` does the same work."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import subprocess
+from pathlib import Path
+from typing import Protocol
+
+_SETSIGDEF, _SETSIGMASK, _SETSID = 0x04, 0x08, 0x80  # <spawn.h> (glibc)
+_OPAQUE = 1024
+"""Room for ``posix_spawn_file_actions_t`` (80 bytes on x86-64), ``posix_spawnattr_t`` (336)
+and ``sigset_t`` (128), which only the C library reads and writes."""
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        for name in (
+            "posix_spawn_file_actions_addchdir_np",
+            "posix_spawn_file_actions_addclosefrom_np",
+        ):
+            getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
+    char_pp = ctypes.POINTER(ctypes.c_char_p)
+    libc.posix_spawn.argtypes = [
+        ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p,
+        char_pp, char_pp,
+    ]  # fmt: skip
+    libc.posix_spawnattr_setflags.argtypes = [ctypes.c_void_p, ctypes.c_short]
+    return libc
+
+
+_LIBC = _libc()
+
+
+class Spawned(Protocol):
+    """What the spawner keeps of a child: its ``pid``, and its exit code once reaped."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self) -> int | None: ...
+
+
+class Child:
+    """A child made by :func:`spawn`: its ``pid``, and its exit code once it has been reaped
+    (``poll``, ``wait``; the exit code is ``-N`` for a signal, as ``subprocess`` has it)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self) -> int | None:
+        return self._reap(0)
+
+    def _reap(self, flags: int) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:  # reaped already: nothing more will be known
+                return None
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+class _Detached(subprocess.Popen[bytes]):
+    """The ``subprocess`` way, where :func:`spawn` cannot use ``posix_spawn``: a child meant to
+    outlive the server is no leak when its object goes, so no warning."""
+
+    def __del__(self) -> None:
+        return None
+
+
+def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, output: Path) -> Spawned:
+    """Start ``argv`` (its first word found on ``env``'s ``PATH``) in a session of its own, in
+    ``cwd``, with ``env`` only, stdin from ``/dev/null`` and stdout and stderr appended to
+    ``output``; no other descriptor of the server is passed on, and every signal starts at its
+    default. ``OSError`` when it cannot start (no such program, no such folder...).
+
+    Blocking for as long as the child takes to exec, without the GIL: call it from a worker
+    thread."""
+    program = _which(argv[0], env)
+    with open(output, "ab") as log:
+        if _LIBC is None:
+            return _Detached(
+                [program, *argv[1:]],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                cwd=cwd,
+            )
+        return Child(_posix_spawn(_LIBC, program, argv, env, cwd, log.fileno()))
+
+
+def _which(name: str, env: dict[str, str]) -> str:
+    if "/" in name:
+        return name
+    for folder in env.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(folder or ".", name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(2, "No such file or directory", name)
+
+
+def _strings(items: list[bytes]) -> ctypes.Array[ctypes.c_char_p]:
+    return (ctypes.c_char_p * (len(items) + 1))(*items, None)
+
+
+def _posix_spawn(
+    libc: ctypes.CDLL, program: str, argv: list[str], env: dict[str, str], cwd: Path, out: int
+) -> int:
+    actions, attr = ctypes.create_string_buffer(_OPAQUE), ctypes.create_string_buffer(_OPAQUE)
+    mask, defaults = ctypes.create_string_buffer(_OPAQUE), ctypes.create_string_buffer(_OPAQUE)
+    for call in (libc.posix_spawn_file_actions_init(actions), libc.posix_spawnattr_init(attr)):
+        if call:
+            raise OSError(call, os.strerror(call))
+    try:
+        steps = (  # stdout and stderr first: ``out`` may itself be descriptor 0
+            libc.posix_spawn_file_actions_adddup2(actions, out, 1),
+            libc.posix_spawn_file_actions_adddup2(actions, out, 2),
+            libc.posix_spawn_file_actions_addopen(actions, 0, b"/dev/null", os.O_RDONLY, 0),
+            libc.posix_spawn_file_actions_addchdir_np(actions, os.fsencode(cwd)),
+            libc.posix_spawn_file_actions_addclosefrom_np(actions, 3),
+            libc.sigemptyset(mask),
+            libc.sigfillset(defaults),
+            libc.posix_spawnattr_setsigmask(attr, mask),
+            libc.posix_spawnattr_setsigdefault(attr, defaults),
+            libc.posix_spawnattr_setflags(attr, _SETSID | _SETSIGMASK | _SETSIGDEF),
+        )
+        failed = next((code for code in steps if code), 0)
+        if failed:
+            raise OSError(failed, os.strerror(failed))
+        pid = ctypes.c_int()
+        code = libc.posix_spawn(
+            ctypes.byref(pid),
+            os.fsencode(program),
+            actions,
+            attr,
+            _strings([os.fsencode(word) for word in argv]),
+            _strings([os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]),
+        )
+    finally:
+        libc.posix_spawn_file_actions_destroy(actions)
+        libc.posix_spawnattr_destroy(attr)
+    if code:
+        raise OSError(code, os.strerror(code), argv[0])
+    return pid.value
