@@ -93,7 +93,7 @@ DOCKER_TEMPLATE = {
 }
 
 
-def bench_launch(runs: int, backend: str, bursts: int = 3, client: str = "light") -> None:
+def bench_launch(runs: int, backend: str, bursts: int = 5, client: str = "light") -> None:
     if backend == "kubernetes":
         from bench_kube import bench_launch_kubernetes
 
@@ -316,7 +316,7 @@ def main() -> None:
     launch = sub.add_parser("launch")
     launch.add_argument("--runs", type=int, default=None, help="50 (local) or 30 (containers)")
     launch.add_argument("--backend", choices=["local", "docker", "kubernetes"], default="local")
-    launch.add_argument("--bursts", type=int, default=3, help="bursts of 10 (local; median taken)")
+    launch.add_argument("--bursts", type=int, default=5, help="bursts of 10 (local; median taken)")
     launch.add_argument(
         "--client",
         choices=["light", "httpx"],
@@ -342,7 +342,7 @@ def main() -> None:
     if args.what in ("launch", "all"):
         backend = getattr(args, "backend", "local")
         runs = getattr(args, "runs", None) or 30
-        bench_launch(runs, backend, getattr(args, "bursts", 3), getattr(args, "client", "light"))
+        bench_launch(runs, backend, getattr(args, "bursts", 5), getattr(args, "client", "light"))
     if args.what in ("status", "all"):
         bench_status(getattr(args, "seconds", 10))
     if args.what in ("logs", "all"):

@@ -44,8 +44,13 @@ CONTROL_PLANE = ("db", "logging", "proxy", "deploy-kubernetes")
 TICKS = os.sysconf("SC_CLK_TCK")
 SLOW_SECONDS = 2.0
 SLOW_RUNS = 6
-IDLE_SETTLE_SECONDS = 10.0
 """Slow launches one at a time: the first has no start history of its template to go by."""
+IDLE_SETTLE_SECONDS = 10.0
+QUIET_SHARE = 0.1
+"""A burst starts once the machine's cores have been at most this busy over 0.1 s (within
+:data:`QUIET_WAIT_SECONDS`): the apps of the burst before have stopped, as the machine is quiet
+for the app alone that the burst is measured against."""
+QUIET_WAIT_SECONDS = 10.0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -231,8 +236,30 @@ class Phase:
         return sum(self.cpu.values()) / max(1, len(self.outcomes))
 
 
+def machine_busy_ms() -> float:
+    """CPU time the whole machine has spent busy (all cores, ``/proc/stat``), in ms."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) * 1000 / TICKS
+
+
+async def quiet_machine() -> None:
+    """Return once the machine has been quiet for 0.1 s (see :data:`QUIET_SHARE`), or after
+    :data:`QUIET_WAIT_SECONDS` whatever it does."""
+    cores = len(os.sched_getaffinity(0))
+    deadline = time.monotonic() + QUIET_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        before = machine_busy_ms()
+        await asyncio.sleep(0.1)
+        if machine_busy_ms() - before <= QUIET_SHARE * 100 * cores:
+            return
+
+
 async def burst(client: httpx.AsyncClient, suite: Suite, template: str, runs: int) -> Phase:
-    """``runs`` launches at once, kept until all are deployed and the CPU is read, then deleted."""
+    """``runs`` launches at once on a quiet machine, kept until all are deployed and the CPU is
+    read, then deleted."""
+    await quiet_machine()
     before = suite.cpu()
     start = time.perf_counter()
     outcomes = list(await asyncio.gather(*(launch(client, template) for _ in range(runs))))

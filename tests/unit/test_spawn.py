@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,12 +26,12 @@ print(json.dumps({
 
 
 @pytest.fixture(params=["posix_spawn", "subprocess"])
-def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "subprocess":
         monkeypatch.setattr(spawning, "_LIBC", None)
     elif spawning._LIBC is None:
         pytest.fail("the C library here has no posix_spawn_file_actions_addclosefrom_np")
-    yield request.param
+    return str(request.param)
 
 
 def _wait(child: spawning.Spawned, seconds: float = 20) -> int | None:
@@ -119,7 +118,7 @@ def test_exit_code_and_signal_are_reported(way: str, tmp_path: Path) -> None:
     [(["no-such-program-here"], "."), (["/nonexistent/program"], "."), (["true"], "missing")],
 )
 def test_what_cannot_start_raises(way: str, tmp_path: Path, argv: list[str], folder: str) -> None:
-    with pytest.raises(OSError) as caught:
+    with pytest.raises(FileNotFoundError) as caught:
         spawning.spawn(
             argv, env={"PATH": os.environ["PATH"]}, cwd=tmp_path / folder, output=tmp_path / "o"
         )
