@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -381,6 +382,17 @@ def _p50(values: list[float]) -> float:
     return statistics.median(values) * 1000 if values else 0.0
 
 
+def _failure_reasons(r: Results) -> str:
+    """Each phase's launches that did not end ``deployed``: how they ended, and how many."""
+    named = {"one at a time": r.seq.outcomes, "pooled": r.pooled, "burst of 50": r.b50.outcomes}
+    named |= {"bursts of 10": [o for p in r.b10 for o in p.outcomes]}
+    named |= {"slow": r.slow_seq.outcomes + r.slow_b10.outcomes, "held": r.held.outcomes}
+    counts = Counter(
+        (phase, o.status) for phase, outs in named.items() for o in outs if o.status != "deployed"
+    )
+    return "; ".join(f"{phase}: {n} x {status}" for (phase, status), n in counts.items()) or "-"
+
+
 def figures(r: Results) -> tuple[dict[str, float | int | str], dict[str, str]]:
     cores = len(os.sched_getaffinity(0))
     app_p50 = statistics.median(r.alone)
@@ -412,6 +424,7 @@ def figures(r: Results) -> tuple[dict[str, float | int | str], dict[str, str]]:
         "burst50_launch_p50_ms": _p50(r.b50.ok),
         "burst50_launch_p95_ms": pct(r.b50.ok, 0.95) * 1000,
         "failures": sum(p.failures for p in phases) + len(r.pooled) - len(pooled_ok),
+        "failure_reasons": _failure_reasons(r),
         "idle_cpu_ms_per_s": r.idle_ms_per_s,
         "cpu_ms_per_launch_seq": seq.cpu_per_launch(),
         "cpu_ms_per_launch_seq_less_idle": less_idle(seq, r.idle_ms_per_s),
