@@ -170,3 +170,33 @@ def test_app_that_exits_fails_with_its_exit_code(
         assert "exited with code 3" in reason
 
     _run(backend, body)
+
+
+def test_local_apps_never_share_a_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may hand the same free port to two launches in a row (it picks at random):
+    the second app is given another one, not the port the first is about to listen on."""
+    from services.deploy_kubernetes.backends import local
+
+    backend, web, _ = _local(tmp_path)
+    handed: list[int] = []
+    real = local._free_port
+
+    def twice(host: str) -> int:
+        port = handed[-1] if len(handed) == 1 else real(host)  # the first port, twice
+        handed.append(port)
+        return port
+
+    monkeypatch.setattr(local, "_free_port", twice)
+
+    async def body(events: list[Observed]) -> None:
+        specs = [LaunchSpec(new_id(), web) for _ in range(2)]
+        started = [await backend.launch(spec) for spec in specs]
+        assert handed[0] == handed[1]  # the kernel's repeat happened
+        assert started[0].target != started[1].target
+        deadline = time.monotonic() + 60
+        for spec, obs in zip(specs, started, strict=True):
+            ready = await backend.wait_ready(spec, obs, deadline=deadline)
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(ready.target + spec.base_url)).status_code == 200
+
+    _run(backend, body)

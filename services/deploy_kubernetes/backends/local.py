@@ -174,6 +174,8 @@ class LocalBackend:
         self._notify: Notify | None = None
         self._stopping: set[str] = set()
         self._exit_codes: dict[str, int | None] = {}
+        self._ports: dict[str, int] = {}
+        """The port of each app of this backend that may still listen (started or adopted)."""
         self._adopted: set[str] = set()
         """Apps of an earlier server whose exit is awaited."""
         self._found = asyncio.Event()
@@ -218,8 +220,26 @@ class LocalBackend:
         return path
 
     async def launch(self, spec: LaunchSpec) -> Observed:
+        port = self._port_for(spec.id)
+        try:
+            return await self._launch(spec, port)
+        except BaseException:
+            if spec.id not in self._children:  # a spawned app keeps its port until it ends
+                self._ports.pop(spec.id, None)
+            raise
+
+    def _port_for(self, dep_id: str) -> int:
+        """A free port for ``dep_id``'s app, and none that an app of this backend holds: the
+        kernel hands out free ports at random, so among 50 launched at once two get the same
+        port about one time in twelve (and the second app cannot listen)."""
+        taken = set(self._ports.values())
+        while (port := _free_port(self._host)) in taken:
+            pass
+        self._ports[dep_id] = port
+        return port
+
+    async def _launch(self, spec: LaunchSpec, port: int) -> Observed:
         template = spec.template
-        port = _free_port(self._host)
         argv = [spec.substitute(w, port=port, python=self._python) for w in template.command]
         try:
             workdir = self._workdir(spec.id)
@@ -313,6 +333,7 @@ class LocalBackend:
         code = proc.wait()
         self._exit_codes[dep_id] = code
         self._children.pop(dep_id, None)
+        self._ports.pop(dep_id, None)
         if dep_id in self._stopping or self._notify is None:
             return
         await self._notify(
@@ -331,6 +352,7 @@ class LocalBackend:
                     await self._adopted_exited(obs)
                 else:
                     self._adopted.add(obs.id)
+                    self._ports[obs.id] = int(obs.ref.get("port") or 0)
                     self._background.spawn(self._await_exit(obs))
             await self._found.wait()
             self._found.clear()
@@ -340,6 +362,7 @@ class LocalBackend:
             await exited(int(obs.ref["pid"]), started=obs.ref.get("started"))
         finally:
             self._adopted.discard(obs.id)
+            self._ports.pop(obs.id, None)
         await self._adopted_exited(
             Observed(obs.id, State.EXITED, None, obs.ref, _exit_reason(None), obs.template)
         )
