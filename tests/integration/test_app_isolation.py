@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from harness import Database, DeployServer, Proxy, wait_for
@@ -168,3 +169,61 @@ def test_apps_are_never_run_as_root_unless_the_operator_says_so(
     )
     allowed.start()  # said explicitly: it starts
     allowed.stop()
+
+
+WHO_AM_I = """
+import json, os, resource
+print("WHO " + json.dumps({
+    "ids": [os.getresuid(), os.getresgid()], "groups": os.getgroups(),
+    "as": resource.getrlimit(resource.RLIMIT_AS),
+}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("way", ["binder-run-as", "prlimit and setpriv"])
+def test_app_runs_as_its_user_within_its_memory_limit(
+    way: str, open_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of starting an app (the helper built by scripts/setup, and the util-linux tools
+    where it is missing) give it the apps' user alone, no other group, and its memory limit."""
+    from services.deploy_kubernetes.backends import local
+    from services.deploy_kubernetes.backends.base import LaunchSpec
+    from services.deploy_kubernetes.models import Template, new_id
+
+    user = _app_user()
+    if way == "binder-run-as":
+        assert local._run_as() is not None, "scripts/setup builds .venv/bin/binder-run-as"
+    else:
+        monkeypatch.setattr(local, "_run_as", lambda: None)
+    backend = local.LocalBackend(
+        state_dir=open_dir / "state",
+        log_dir=open_dir / "logs",
+        user=local.AppUser(user.pw_name, user.pw_uid, user.pw_gid),
+        workdirs=open_dir / "apps",
+    )
+    template = Template(
+        name="who", command=("{python}", "-c", WHO_AM_I), limits={"memory": "300Mi"}
+    )
+    spec = LaunchSpec(new_id(), template)
+    log = open_dir / "logs" / f"{spec.id}.log"
+
+    async def launched() -> None:
+        async def ignore(_: object) -> None:
+            return None
+
+        await backend.open(ignore)
+        try:
+            await backend.launch(spec)
+        finally:
+            await backend.close()
+
+    anyio.run(launched)
+
+    def reported() -> str | None:
+        lines = log.read_text().splitlines() if log.exists() else []
+        return next((line.removeprefix("WHO ") for line in lines if line.startswith("WHO ")), None)
+
+    who = json.loads(wait_for(reported, timeout=30, what="the app's report in its log"))
+    assert who["ids"] == [[user.pw_uid] * 3, [user.pw_gid] * 3], who
+    assert set(who["groups"]) <= {user.pw_gid}, who  # none of the server's groups
+    assert who["as"] == [300 * 2**20] * 2, who

@@ -124,6 +124,15 @@ def suite_label(state_dir: Path) -> str:
 
 
 @functools.cache
+def _run_as() -> str | None:
+    """``binder-run-as`` (``run_as.c``), built by ``scripts/setup`` beside this interpreter:
+    the memory limit and the switch to the apps' user in one exec, 0.45 ms of CPU per app against
+    2.4 ms for ``prlimit`` then ``setpriv``. None where it was not built (no C compiler)."""
+    path = Path(sys.executable).with_name("binder-run-as")
+    return str(path) if os.access(path, os.X_OK) else None
+
+
+@functools.cache
 def _tool(name: str) -> str:
     """The path of a util-linux tool the backend runs apps through (looked up once, not at
     every launch)."""
@@ -295,10 +304,16 @@ class LocalBackend:
         )
 
     def _wrappers(self, limit: int | None) -> list[str]:
-        """What runs before the app's command: ``prlimit`` sets its memory limit and
-        ``setpriv`` switches to the app's user (both util-linux), so that the spawn itself needs
-        no code between fork and exec and the server is never copied."""
-        out: list[str] = []
+        """What runs before the app's command to set its memory limit and switch to the app's
+        user, so that the spawn itself needs no code between fork and exec: ``binder-run-as``
+        (one exec, built by ``scripts/setup``), else ``prlimit`` and ``setpriv`` (util-linux)."""
+        helper = _run_as()
+        if helper is not None and (limit or self._user is not None):
+            out = [helper, *([f"--as={limit}"] if limit else [])]
+            if self._user is not None:
+                out += [f"--uid={self._user.uid}", f"--gid={self._user.gid}"]
+            return [*out, "--"]
+        out = []
         if limit:
             out += [_tool("prlimit"), f"--as={limit}", "--"]
         if self._user is not None:
