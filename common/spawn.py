@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Protocol
@@ -115,13 +117,14 @@ def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, output: Path) -> S
 
 
 def _which(name: str, env: dict[str, str]) -> str:
+    """``name`` itself when it is a path (exec says what is wrong with it), else the program of
+    that name on ``env``'s ``PATH``."""
     if "/" in name:
         return name
-    for folder in env.get("PATH", os.defpath).split(os.pathsep):
-        path = os.path.join(folder or ".", name)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    raise FileNotFoundError(2, "No such file or directory", name)
+    found = shutil.which(name, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+    return found
 
 
 def _strings(items: list[bytes]) -> ctypes.Array[ctypes.c_char_p]:
