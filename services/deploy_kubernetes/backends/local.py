@@ -46,7 +46,7 @@ from common.spawn import Spawned, spawn
 from services.deploy_kubernetes.backends.base import LaunchSpec, Notify, Observed, State
 from services.deploy_kubernetes.backends.readiness import OutputWatch, StartTimes, wait_http
 from services.deploy_kubernetes.errors import LaunchError
-from services.deploy_kubernetes.models import Template, memory_bytes
+from services.deploy_kubernetes.models import ID_RE, NAME_RE, Template, memory_bytes
 
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 STOP_GRACE_SECONDS = 5.0
@@ -142,6 +142,13 @@ def _tool(name: str) -> str:
     return path
 
 
+def _checked_id(dep_id: str) -> str:
+    """``dep_id`` if it is a deployment id (32 hex digits), never a path; else ValueError."""
+    if not ID_RE.fullmatch(dep_id):
+        raise ValueError(f"not a deployment id: {dep_id!r}")
+    return dep_id
+
+
 def _exit_reason(code: int | None) -> str:
     if code is None:
         return "process ended (its exit code is unknown: an earlier deploy server started it)"
@@ -214,7 +221,7 @@ class LocalBackend:
         return None
 
     def _pidfile(self, dep_id: str) -> Path:
-        return self._state_dir / f"{dep_id}.json"
+        return self._state_dir / f"{_checked_id(dep_id)}.json"
 
     def _log_path(self, dep_id: str) -> Path:
         """The app's output (and the wake-ups of its readiness wait: :class:`OutputWatch`)."""
@@ -222,7 +229,7 @@ class LocalBackend:
 
     def _workdir(self, dep_id: str) -> Path:
         """The app's own working directory (and its HOME), owned by the app's user."""
-        path = self._workdirs / dep_id
+        path = self._workdirs / _checked_id(dep_id)
         path.mkdir(mode=0o700, exist_ok=True)
         if self._user is not None:
             os.chown(path, self._user.uid, self._user.gid)
@@ -416,6 +423,7 @@ class LocalBackend:
         )
 
     async def stop(self, dep_id: str, ref: dict[str, Any]) -> None:
+        _checked_id(dep_id)  # never a path: the folder and pid file below are named by it
         self._stopping.add(dep_id)
         try:
             if not ref:
@@ -434,7 +442,7 @@ class LocalBackend:
 
     def _remove_workdir(self, dep_id: str) -> None:
         try:
-            shutil.rmtree(self._workdirs / dep_id)  # never follows the app's symbolic links
+            shutil.rmtree(self._workdirs / _checked_id(dep_id))  # follows no symbolic link
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -452,7 +460,9 @@ class LocalBackend:
 
     def _record(self, dep_id: str, ref: dict[str, Any]) -> None:
         tmp = self._pidfile(dep_id).with_suffix(".tmp")
-        tmp.write_text(json.dumps(ref))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        with open(os.open(tmp, flags, 0o600), "w") as out:  # never through a planted link
+            out.write(json.dumps(ref))
         tmp.replace(self._pidfile(dep_id))
 
     def _read(self, dep_id: str) -> dict[str, Any] | None:
@@ -463,15 +473,23 @@ class LocalBackend:
         return data if isinstance(data, dict) else None
 
     def _unrecorded(self, recorded: set[str]) -> list[Observed]:
-        """Apps of this suite that run without a pid file (the server died before writing it)."""
+        """Apps of this suite that run without a pid file (the server died before writing it).
+
+        An app controls its own environment (and can start a process with any environment): what
+        is read from it is never trusted as a path or a name. A process whose id is not 32 hex
+        digits, whose port is not a port or whose template is not a name is not adopted."""
         out = []
         for pid, env in session_leaders_with("BINDER_SUITE", self.suite).items():
             dep_id = env.get("BINDER_ID", "")
-            if dep_id in recorded or not dep_id:
+            if dep_id in recorded or not ID_RE.fullmatch(dep_id):
                 continue
-            port = env.get("PORT", "0")
+            port = env.get("PORT", "")
             template = env.get("BINDER_TEMPLATE")
-            ref: dict[str, Any] = {"pid": pid, "port": int(port) if port.isdigit() else 0}
+            if not (port.isdigit() and 0 < int(port) < 65536):
+                continue
+            if template is not None and not NAME_RE.fullmatch(template):
+                continue
+            ref: dict[str, Any] = {"pid": pid, "port": int(port)}
             ref |= {"started": start_time(pid), "template": template}
             target = f"http://{self._host}:{ref['port']}"
             out.append(Observed(dep_id, State.RUNNING, target, ref, None, template))
@@ -480,6 +498,8 @@ class LocalBackend:
     def _recorded(self) -> list[Observed]:
         out = []
         for path in sorted(self._state_dir.glob("*.json")):
+            if not ID_RE.fullmatch(path.stem):
+                continue
             ref = self._read(path.stem)
             if ref is None:
                 continue
