@@ -24,8 +24,8 @@ test-integration: setup
 	scripts/test tests/integration
 
 lint: setup
-	$(VENV)/bin/ruff format --check control common services tests scripts/bench.py scripts/bench_pages.py scripts/bench_db.py scripts/bench_kube.py scripts/bench_launch.py scripts/chaos.py
-	$(VENV)/bin/ruff check control common services tests scripts/bench.py scripts/bench_pages.py scripts/bench_db.py scripts/bench_kube.py scripts/bench_launch.py scripts/chaos.py
+	$(VENV)/bin/ruff format --check control common services tests scripts/benchmarks
+	$(VENV)/bin/ruff check control common services tests scripts/benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

@@ -38,7 +38,7 @@ class LoopState:
     last_error: str | None = None
 
 
-class Supervisor:
+class LoopSupervisor:
     """Runs named loops for ever (until cancelled) and one-shot tasks, and reports on them.
 
     ``on_crash(name)`` is called for each crash (the deploy server counts them in /metrics)."""

@@ -29,6 +29,10 @@ class UnauthorizedError(BinderError):
     type = "unauthorized"
 
 
+MISSING_KEY = "missing or wrong API key in the Authorization header"
+"""The message of a request refused for want of the API key."""
+
+
 class NotFoundError(BinderError):
     status_code = 404
     type = "notFound"

@@ -18,12 +18,18 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from common.peers import ForeignListenerError, check_peer
+
 MAX_BODY = 4 * 1024 * 1024
 """The largest answer read: the proxy's route table of a few thousand routes fits."""
 
 
 class RequestError(OSError):
     """The request could not be made or its answer could not be read."""
+
+
+class ForeignServerError(RequestError):
+    """The port's server belongs to another user than the suite's: nothing was sent to it."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +79,14 @@ async def request(
     json: Any = None,
     seconds: float,
     until: Callable[[bytes], bool] | None = None,
+    credential: str = "",
 ) -> Answer:
     """One request to ``url`` (``http://`` only), answered within ``seconds``;
     ``RequestError`` when it fails in any way. With ``until``, the answer is read only until
-    ``until(the body so far)`` is true (a stream's, such as server-sent events)."""
+    ``until(the body so far)`` is true (a stream's, such as server-sent events). A request
+    naming the ``credential`` it carries is sent only to a server of the suite's user
+    (:func:`common.peers.check_peer`, about 15 µs); to another's, nothing is sent and
+    :class:`ForeignServerError` says whose it is."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"not a plain http URL: {url}")
@@ -93,6 +103,8 @@ async def request(
         async with asyncio.timeout(seconds):
             stream, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
             try:
+                if credential:
+                    check_peer(writer.get_extra_info("socket"), what=credential)
                 writer.write(message)
                 while not reader.complete:
                     data = await stream.read(65536)
@@ -103,6 +115,8 @@ async def request(
                         break
             finally:
                 writer.close()
+    except ForeignListenerError as exc:
+        raise ForeignServerError(str(exc)) from exc
     except (OSError, TimeoutError, httptools.HttpParserError) as exc:
         raise RequestError(f"{method} {url}: {exc.__class__.__name__}") from exc
     if not reader.headers_done:

@@ -1,5 +1,5 @@
 """Processes: looking at them through /proc (alive or not, when they started) and waiting for their
-end through a pidfd (spawning apps: :mod:`common.spawn`)."""
+end through a pidfd (spawning apps is the local backend's own)."""
 
 from __future__ import annotations
 

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from loguru import logger
+
 from common.errors import BadProxyError
-from common.local_http import Answer, RequestError, request
+from common.local_http import Answer, ForeignServerError, RequestError, request
 
 PROBE_AGENT = "binder-readiness/1"
-"""``User-Agent`` of the deploy server's readiness probes and route checks, so that apps (the
-example app does) can leave them out of their request logs."""
+"""``User-Agent`` of the deploy server's readiness probes, so that apps (the example app does) can
+leave them out of their request logs."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyRoute:
+    """One route of the proxy: where it sends the traffic, and when it last carried some."""
+
+    target: str
+    last_activity: datetime | None = None
 
 
 class Proxy(Protocol):
@@ -20,11 +31,9 @@ class Proxy(Protocol):
     async def ping(self) -> None: ...
     async def add_route(self, path: str, target: str) -> None: ...
     async def remove_route(self, path: str) -> None: ...
-    async def routes(self) -> dict[str, tuple[str, datetime | None]]: ...
+    async def routes(self) -> dict[str, ProxyRoute]: ...
     async def route(self, path: str) -> str | None:
         """The target of one route, or None when the proxy has no such route."""
-
-    async def public_get(self, path: str) -> int: ...
 
 
 class ProxyClient:
@@ -33,9 +42,8 @@ class ProxyClient:
     Requests go through :mod:`common.local_http`: a launch makes two of them, and httpx would
     cost seven times the CPU."""
 
-    def __init__(self, *, api_url: str, token: str, public_url: str, timeout: float = 5.0) -> None:
+    def __init__(self, *, api_url: str, token: str, timeout: float = 5.0) -> None:
         self._api = api_url.rstrip("/")
-        self._public = public_url.rstrip("/")
         self._auth = {"Authorization": f"token {token}"}
         self._timeout = timeout
 
@@ -54,7 +62,11 @@ class ProxyClient:
                 headers=self._auth,
                 json=json,
                 seconds=self._timeout,
+                credential="the proxy's token",
             )
+        except ForeignServerError as exc:
+            logger.error("proxy API: {}", exc)
+            raise BadProxyError(f"proxy API not the suite's: {exc}") from exc
         except RequestError as exc:
             raise BadProxyError(f"proxy API unreachable: {exc}") from exc
         if answer.status >= 400 and not (missing_ok and answer.status == 404):
@@ -77,25 +89,12 @@ class ProxyClient:
         target = answer.json().get("target")
         return str(target) if target else None
 
-    async def routes(self) -> dict[str, tuple[str, datetime | None]]:
-        """Every route as ``{path: (target, last_activity)}``."""
+    async def routes(self) -> dict[str, ProxyRoute]:
+        """Every route, by its path."""
         data = (await self._call("GET", "/api/routes")).json()
-        out: dict[str, tuple[str, datetime | None]] = {}
+        out: dict[str, ProxyRoute] = {}
         for path, info in data.items():
             stamp = info.get("last_activity")
             when = datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
-            out[path] = (info.get("target", ""), when)
+            out[path] = ProxyRoute(target=info.get("target", ""), last_activity=when)
         return out
-
-    async def public_get(self, path: str) -> int:
-        """Status of a GET through the public port (0 when the proxy cannot be reached); the
-        request names itself a probe (``PROBE_AGENT``)."""
-        try:
-            answer = await request(
-                self._public + path,
-                headers={"User-Agent": PROBE_AGENT},
-                seconds=self._timeout,
-            )
-        except RequestError:
-            return 0
-        return answer.status

@@ -10,6 +10,8 @@ the environment and are ``repr=False``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import hashlib
 import ipaddress
 import os
 import re
@@ -50,6 +52,10 @@ class DbSettings:
 class ProxySettings:
     public_host: str = ""
     """``host[:port]`` used in ``location``; empty means this host's name and the proxy port."""
+    public_url: str = ""
+    """``scheme://host[:port]`` users reach the proxy at (``https://`` behind a TLS front): the
+    base of each deployment's ``url``, of badges and of the pages' links; empty means
+    ``http://<public_host>``."""
     ip: str = "0.0.0.0"
     """Public bind address of the proxy."""
     port: int = 8000
@@ -58,6 +64,10 @@ class ProxySettings:
     """Bind address of the proxy's REST API."""
     api_port: int = 8001
     """Port of the proxy's REST API."""
+    per_client_max_connections: int = 200
+    """Connections one client address may hold open at the public port at once; more are
+    answered 429 and closed (``deploy.trusted_proxies`` are not counted). The proxy's request
+    heads are bounded by ``http.header_timeout_seconds`` and ``http.max_header_count``."""
     token: str = field(default="", repr=False)
     """The proxy API token (secret; environment only)."""
 
@@ -66,7 +76,8 @@ class ProxySettings:
         return f"http://{self.api_ip}:{self.api_port}"
 
     @property
-    def public_url(self) -> str:
+    def local_url(self) -> str:
+        """Where the suite itself reaches the proxy's public port (on this host)."""
         host = "127.0.0.1" if self.ip in ("0.0.0.0", "") else self.ip
         return f"http://{host}:{self.port}"
 
@@ -87,6 +98,11 @@ class LoggingSettings:
     """Comma-separated prefixes of files in ``<home>/logs`` not followed (their program ships
     its records through the loguru sink already; its stderr, where tracebacks that bypass loguru
     go, is followed)."""
+    app_lines_per_second: int = 1000
+    """Lines of one app's output stored per second at most (bursts of one second's worth); the
+    rest is dropped, one record saying how many."""
+    app_bytes_per_second: int = 1048576
+    """Bytes of one app's output stored per second at most, likewise."""
     token: str = field(default="", repr=False)
     """Bearer token of the aggregator's ingest and query (secret; ``BINDER_LOGGING_TOKEN``)."""
 
@@ -110,8 +126,19 @@ class KubernetesSettings:
 class DockerSettings:
     host: str = ""
     """Docker engine address; empty means the engine's default socket."""
-    suite_label: str = "binder"
-    """Value of the ``binder.suite`` label on this suite's containers (one suite per engine)."""
+    suite_label: str = ""
+    """Value of the ``binder.suite`` label on this suite's containers (and the name of its
+    network); empty means one derived from the home (:func:`derived_suite_label`), so that two
+    suites on one engine never touch each other's containers."""
+
+    def label(self, home: Path) -> str:
+        """The label this suite's containers carry."""
+        return self.suite_label or derived_suite_label(home)
+
+
+def derived_suite_label(home: Path) -> str:
+    """``binder-`` and 12 hex digits of a digest of the home's absolute path."""
+    return "binder-" + hashlib.sha256(str(home.expanduser().resolve()).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -122,13 +149,31 @@ class LocalSettings:
     allow_root: bool = False
     """Allow apps to run as root (never wise on a public host); without it the server refuses."""
     workdir: str = ""
-    """Folder holding each app's working directory (outside the home); empty means
+    """Folder holding each unsandboxed app's working directory (outside the home); empty means
     ``<temp dir>/binder-apps-<uid of the server>``."""
+    sandbox: bool = True
+    """Each app in a sandbox of its own (a uid of ``uid_range``, private folders, its own pid and
+    network namespaces, a cgroup with the template's limits); needs a server running as root.
+    False runs apps as ``user`` on the host's network, as trusted programs: for trusted
+    templates only."""
+    uid_range: str = "200000-299999"
+    """Uids (and gids) handed to sandboxed apps, one per running app; they have no passwd
+    entries, and a uid some process of the host runs as is never handed out."""
+    sandbox_slots: int = 10
+    """Sandboxes made ahead of launches (cgroup, network namespace, a parked helper): a burst of
+    this many launches costs no more each than one; past it a launch makes its own (~20 ms)."""
+    sandbox_network: str = ""
+    """IPv4 network (at least a /28) of the sandboxed apps' addresses; empty means a /20 in
+    10.64.0.0/10 derived from the suite's home, so two suites on a host do not meet."""
+    log_max_bytes: int = 8388608
+    """Bound of each app's output file (``logs/apps/<id>.log`` with its predecessor ``.1``):
+    past it the oldest output is dropped, saying so in the log."""
 
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """Edge limits of the suite's HTTP services (the deploy API and the log aggregator)."""
+    """Edge limits of the suite's HTTP services (the deploy API and the log aggregator; the
+    proxy takes the head's deadline and field count)."""
 
     max_header_bytes: int = 32768
     """Largest request line plus headers; a larger one is answered 431 and the connection closed."""
@@ -168,18 +213,35 @@ class DeploySettings:
     """A launch not deployed after this long fails."""
     templates_dir: str = ""
     """Folder of ``*.toml`` templates seeded at start; empty means ``configs/templates``."""
-    fault_record_delay_seconds: float = 0.0
-    """For fault-injection tests only: a pause between a local app's spawn and its pid file,
-    which makes the window in which a crash used to orphan an app wide enough to hit."""
     per_client_max_deployments: int = 20
     """Deployments (deploying or deployed) one client address may hold at once."""
     per_client_launches_per_minute: int = 30
     """Launches one client address may start in any 60 seconds."""
     trusted_proxies: tuple[str, ...] = ()
-    """Addresses or networks whose ``X-Forwarded-For`` names the client."""
+    """Addresses or networks whose ``X-Forwarded-For`` names the client (proxies of the
+    operator's own in front; the suite's proxy is believed without being listed)."""
+    per_client_max_connections: int = 200
+    """Connections one client address may hold open at the deploy API at once; more are
+    answered 429 and closed (trusted proxies are not counted: they carry many clients)."""
+    per_client_event_streams: int = 60
+    """Event streams (``GET .../events``) one client address may hold open at once; more are
+    answered 429 (callers with the API key are not counted)."""
+    servers: int = 1
+    """Deploy-server processes on this host, sharing ``port`` (``SO_REUSEPORT``)."""
+    history_days: float = 30
+    """Ended deployments' records are kept this long, then removed by the leader."""
+    leader_lease_seconds: float = 5
+    """How long the leader's lease lasts unrenewed: a new leader takes over this long after the
+    old one stops renewing it (it dies or stalls)."""
     local: LocalSettings = field(default_factory=LocalSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
+
+    @property
+    def local_url(self) -> str:
+        """Where the suite's own programs on this host (the proxy) reach the deploy API."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -209,6 +271,11 @@ class Settings:
         import socket
 
         return f"{socket.gethostname()}:{self.proxy.port}"
+
+    @property
+    def public_url(self) -> str:
+        """``proxy.public_url``, or ``http://<public_host>``: the base of every link users get."""
+        return (self.proxy.public_url or f"http://{self.public_host}").rstrip("/")
 
 
 SECRET_KEYS = frozenset({"api_key", "token"})
@@ -258,17 +325,41 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any], *, source: str, prefix:
             base[key] = value
 
 
+OTHER_VARIABLES = frozenset(
+    {
+        "BINDER_HOME",  # --home
+        "BINDER_API_KEY",  # the secrets (section 4b of the spec)
+        "BINDER_LOGGING_TOKEN",
+        "BINDER_DB_URI",
+        "BINDER_CONFIG_DIGEST",  # set by control in each service's environment
+        "BINDER_READY_SOCKET",  # set by control: each deploy-server process's own socket
+        "BINDER_TESTENV_CACHE",  # scripts/kube-testenv
+        "BINDER_TESTENV_DIR",
+    }
+)
+"""``BINDER_*`` variables that are not settings but are known: everything else of that form
+must name a setting, as every key of a config file must."""
+
+
 def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    known: set[str] = set()
+
     def walk(node: dict[str, Any], path: list[str]) -> None:
         for key, value in node.items():
             if isinstance(value, dict):
                 walk(value, [*path, key])
                 continue
             name = "BINDER_" + "_".join([*path, key]).upper()
+            known.add(name)
             if name in environ:
                 node[key] = _EnvValue(name, environ[name])
 
     walk(raw, [])
+    for name in sorted(environ):
+        if name.startswith("BINDER_") and name not in known and name not in OTHER_VARIABLES:
+            close = difflib.get_close_matches(name, sorted(known | OTHER_VARIABLES), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"environment variable {name}: no such setting{hint}")
 
 
 @dataclass(frozen=True)
@@ -364,8 +455,17 @@ def _check(settings: Settings, *, source: str) -> None:
         "logging.retention_days": settings.logging.retention_days,
         "logging.retention_check_seconds": settings.logging.retention_check_seconds,
         "logging.max_body_bytes": settings.logging.max_body_bytes,
+        "logging.app_lines_per_second": settings.logging.app_lines_per_second,
+        "logging.app_bytes_per_second": settings.logging.app_bytes_per_second,
         "deploy.per_client_max_deployments": settings.deploy.per_client_max_deployments,
         "deploy.per_client_launches_per_minute": settings.deploy.per_client_launches_per_minute,
+        "deploy.per_client_max_connections": settings.deploy.per_client_max_connections,
+        "proxy.per_client_max_connections": settings.proxy.per_client_max_connections,
+        "deploy.per_client_event_streams": settings.deploy.per_client_event_streams,
+        "deploy.local.log_max_bytes": settings.deploy.local.log_max_bytes,
+        "deploy.servers": settings.deploy.servers,
+        "deploy.history_days": settings.deploy.history_days,
+        "deploy.leader_lease_seconds": settings.deploy.leader_lease_seconds,
         **{
             f"http.{f.name}": getattr(settings.http, f.name)
             for f in dataclasses.fields(HttpSettings)
@@ -374,6 +474,11 @@ def _check(settings: Settings, *, source: str) -> None:
     for key, number in positive.items():
         if number <= 0:
             raise ConfigError(f"{source}: '{key}' must be greater than 0, got {number}")
+    if settings.deploy.local.sandbox_slots < 0:
+        raise ConfigError(
+            f"{source}: 'deploy.local.sandbox_slots' must be 0 or more, "
+            f"got {settings.deploy.local.sandbox_slots}"
+        )
     for address in settings.deploy.trusted_proxies:
         try:
             ipaddress.ip_network(address, strict=False)
@@ -447,6 +552,29 @@ def _check_hosts(settings: Settings, *, source: str) -> None:
             f"{source}: 'proxy.public_host' must be host[:port] (no scheme, no path), "
             f"got {public!r}"
         )
+    url = settings.proxy.public_url
+    if url and not _valid_public_url(url):
+        raise ConfigError(
+            f"{source}: 'proxy.public_url' must be http:// or https:// then host[:port] "
+            f"(no path, query or user), got {url!r}"
+        )
+
+
+def _valid_public_url(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.netloc)
+        and "@" not in parts.netloc
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.fragment
+        and _valid_public_host(parts.netloc)
+    )
 
 
 def _valid_public_host(text: str) -> bool:

@@ -15,6 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from common.errors import (
+    MISSING_KEY,
     BinderError,
     MalformedRequestError,
     PayloadTooLargeError,
@@ -100,7 +101,7 @@ async def read_json_object(
     check_json_depth(body, max_depth)
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # bad UTF-8, bad JSON, or a number of over 4,300 digits
         raise MalformedRequestError(f"body: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise MalformedRequestError("body: must be a JSON object")
@@ -124,7 +125,7 @@ def has_key(request: Request, api_key: str) -> bool:
 
 def require_key(request: Request, api_key: str) -> None:
     if not has_key(request, api_key):
-        raise UnauthorizedError("missing or wrong API key in the Authorization header")
+        raise UnauthorizedError(MISSING_KEY)
 
 
 def metrics_response(registry: CollectorRegistry) -> Response:

@@ -1,15 +1,17 @@
-"""``binder-control``: start, watch, restart and stop the supervised Binder suite on this host."""
+"""binder-control: start, watch, restart and stop the supervised Binder suite on this host."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import secrets
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 import typer
 from rich.console import Console
@@ -17,19 +19,22 @@ from rich.table import Table
 
 from common.errors import BinderError
 from common.settings import Settings, dump_toml, load_settings
-from control.globals import GlobalOptionsGroup
+from control.globals import GlobalOptionsGroup, PlainCommand
 from control.logs_cmd import show_logs
 from control.secrets import choose_api_key, described, read_secrets, stored_api_key
 from control.services import ORDER
 from control.suite import Suite
 from control.supervisor_client import ControlError
-from control.systemd import UNIT_PATH, unit_text
+from control.systemd import unit_path, unit_text
+
+DURATION = re.compile(r"[0-9]+(?:\.[0-9]+)?[smhdw]")
 
 app = typer.Typer(
     help=__doc__,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     cls=GlobalOptionsGroup,
 )
 out = Console(soft_wrap=True)
@@ -40,6 +45,7 @@ HomeOpt = Annotated[
     typer.Option(
         "--home",
         envvar="BINDER_HOME",
+        metavar="PATH",
         show_default="~/.binder",
         help="Where the suite keeps everything it writes (before or after the command).",
     ),
@@ -47,10 +53,15 @@ HomeOpt = Annotated[
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
-        "--config", help="TOML file overriding the defaults (before or after the command)."
+        "--config",
+        metavar="FILE",
+        help="TOML file overriding the defaults (before or after the command).",
     ),
 ]
-KeyOpt = Annotated[str | None, typer.Option("--api-key", help="Use this API key (stored 0600).")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", metavar="KEY", help="Use this API key (stored 0600)."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -126,17 +137,16 @@ def _table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _service_name(value: str) -> str:
-    if value not in ORDER:
-        raise typer.BadParameter(f"no service named {value!r} (services: {', '.join(ORDER)})")
-    return value
+ServiceName = Literal["db", "logging", "proxy", "deploy-kubernetes"]
+assert get_args(ServiceName) == ORDER
 
 
-@app.command("start-all")
+@app.command("start-all", cls=PlainCommand)
 def start_all(ctx: typer.Context, api_key: KeyOpt = None, config: ConfigOpt = None) -> None:
-    """Start supervisord and every service in order, each awaited until ready.
+    """Start every service in order, each awaited ready.
 
-    If a service fails to start, what this command started is stopped again.
+    Renders the configuration, starts supervisord, then db, logging, proxy and
+    deploy-kubernetes. If a service fails to start, what this command started is stopped again.
 
     The API key is printed only on a terminal; `binder-control api-key` prints it any time.
     """
@@ -158,9 +168,11 @@ def start_all(ctx: typer.Context, api_key: KeyOpt = None, config: ConfigOpt = No
         out.print(f"API key: stored in {suite.home / 'api-key'} (print it: binder-control api-key)")
 
 
-@app.command("stop-all")
+@app.command("stop-all", cls=PlainCommand)
 def stop_all(ctx: typer.Context) -> None:
-    """Stop every service (reverse order), the deployed apps on this host, then supervisord."""
+    """Stop the services, the apps on this host, supervisord.
+
+    Services stop in reverse order; the local and docker backends' apps end with them."""
     suite = _run(lambda: _ctx(ctx).suite())
     on_wait, done = _spinner("stopping")
     try:
@@ -170,9 +182,11 @@ def stop_all(ctx: typer.Context) -> None:
     out.print("suite stopped")
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """One row per service; exit 0 only when all are RUNNING and ready."""
+    """Show each service's state; exit 0 when all are ready.
+
+    One row per service: state, pid, uptime, readiness, restarts."""
     suite = _run(lambda: _ctx(ctx).suite())
     rows = [r.as_dict() for r in _run(suite.status)]
     if as_json:
@@ -180,13 +194,24 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     else:
         out.print(_table(rows))
     if not all(r["state"] == "RUNNING" and r["ready"] for r in rows):
+        _hint_never_started(suite)
         raise typer.Exit(1)
 
 
-@app.command()
+def _hint_never_started(suite: Suite) -> None:
+    if not suite.started_before():
+        err.print(
+            f"binder-control: the suite of {suite.home} has never been started; "
+            "start it with `binder-control start-all`",
+            markup=False,
+            highlight=False,
+        )
+
+
+@app.command(cls=PlainCommand)
 def restart(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(help=", ".join(ORDER), callback=_service_name)],
+    service: Annotated[ServiceName, typer.Argument(metavar="SERVICE")],
 ) -> None:
     """Restart one service and wait until it is ready again."""
     suite = _run(lambda: _ctx(ctx).suite())
@@ -198,12 +223,26 @@ def restart(
     out.print(f"{service} restarted")
 
 
-def _service_app(name: str) -> typer.Typer:
-    sub = typer.Typer(help=f"Control the {name} service alone.", no_args_is_help=True)
+SERVICE_HELP = {
+    "db": "The database (the embedded MongoDB-compatible server, or mongod).",
+    "logging": "The log aggregator.",
+    "proxy": "configurable-http-proxy (the public routes to the apps).",
+    "deploy-kubernetes": "The deploy server (its name on every backend: local, docker, kubernetes).",
+}
 
-    @sub.command("start")
+
+def _service_app(name: str) -> typer.Typer:
+    sub = typer.Typer(
+        help=f"{SERVICE_HELP[name]} Start, stop, restart or show it alone.",
+        short_help=SERVICE_HELP[name],
+        no_args_is_help=True,
+    )
+
+    @sub.command("start", cls=PlainCommand)
     def start(ctx: typer.Context, api_key: KeyOpt = None, config: ConfigOpt = None) -> None:
-        """Start it (or restart it with new options), starting supervisord if needed."""
+        """Start it (or restart it with new options).
+
+        Starts supervisord first if it is not running."""
         suite = _run(lambda: _ctx(ctx).suite(config=config, api_key=api_key, persist=True))
 
         def go() -> None:
@@ -219,29 +258,33 @@ def _service_app(name: str) -> typer.Typer:
             done()
         out.print(f"{name} is running and ready")
 
-    @sub.command("stop")
+    @sub.command("stop", cls=PlainCommand)
     def stop(ctx: typer.Context) -> None:
         """Stop it."""
         suite = _run(lambda: _ctx(ctx).suite())
         _run(lambda: suite.stop(name))
         out.print(f"{name} stopped")
 
-    @sub.command("restart")
+    @sub.command("restart", cls=PlainCommand)
     def restart_one(ctx: typer.Context) -> None:
         """Restart it and wait until it is ready."""
         suite = _run(lambda: _ctx(ctx).suite())
         _run(lambda: suite.restart(name))
         out.print(f"{name} restarted")
 
-    @sub.command("status")
+    @sub.command("status", cls=PlainCommand)
     def status_one(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-        """Its row of ``status``; exit 0 only when it is RUNNING and ready."""
+        """Its row of `status`; exit 0 only when it is RUNNING and ready."""
         suite = _run(lambda: _ctx(ctx).suite())
-        rows = [r.as_dict() for r in _run(suite.status) if r.name == name]
+        rows = [
+            r.as_dict() for r in _run(suite.status) if r.name.split(":", 1)[0] == name
+        ]  # its processes: deploy-kubernetes:0 ... when it runs several
         if not rows:
             _run(lambda: suite.service(name))
-        out.print_json(json.dumps(rows[0])) if as_json else out.print(_table(rows))
-        if not (rows[0]["state"] == "RUNNING" and rows[0]["ready"]):
+        shown = rows[0] if len(rows) == 1 else rows
+        out.print_json(json.dumps(shown)) if as_json else out.print(_table(rows))
+        if not all(r["state"] == "RUNNING" and r["ready"] for r in rows):
+            _hint_never_started(suite)
             raise typer.Exit(1)
 
     return sub
@@ -251,30 +294,74 @@ for _name in ORDER:
     app.add_typer(_service_app(_name), name=_name)
 
 
-@app.command()
+def _since(value: str | None) -> str | None:
+    """``--since``: an ISO time or a duration back (``90s``, ``10m``, ``2h``, ``1d``, ``1w``)."""
+    if value is None or DURATION.fullmatch(value):
+        return value
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is neither an ISO time (2026-01-31T12:00) nor a duration "
+            "(a number and s, m, h, d or w: 10m, 2h)"
+        ) from None
+    return value
+
+
+def _app_filter(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[0-9a-f]{1,32}", value):
+        raise typer.BadParameter(
+            f"{value!r}: a deployment id is 32 hex digits (or a prefix of at least one)"
+        )
+    return value
+
+
+@app.command(cls=PlainCommand)
 def logs(
     ctx: typer.Context,
-    service: Annotated[str | None, typer.Argument(help="Only this service's lines.")] = None,
+    service: Annotated[
+        str | None,
+        typer.Argument(metavar="SERVICE", help="Only this service's lines (app: the apps')."),
+    ] = None,
     follow: Annotated[
         bool,
         typer.Option("--follow", "-f", help="Print the newest lines, then new ones as they come."),
     ] = False,
-    since: Annotated[str | None, typer.Option(help="ISO time or duration back (10m, 2h).")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(metavar="WHEN", callback=_since, help="ISO time or duration back (10m, 2h)."),
+    ] = None,
     level: Annotated[
-        str | None, typer.Option(help="Lowest level shown (info, warning ...).")
+        str | None,
+        typer.Option(metavar="LEVEL", help="Lowest level shown (debug, info, warning, error)."),
     ] = None,
     app_id: Annotated[
-        str | None, typer.Option("--app", help="Only this deployment (an id or a unique prefix).")
+        str | None,
+        typer.Option(
+            "--app",
+            metavar="ID",
+            callback=_app_filter,
+            help="Only this deployment (an id or a unique prefix).",
+        ),
     ] = None,
     limit: Annotated[
         int,
         typer.Option(
-            "--limit", "-n", min=0, help="How many of the newest lines (newest last, like tail)."
+            "--limit",
+            "-n",
+            min=0,
+            metavar="N",
+            help="How many of the newest lines (newest last, like tail).",
         ),
     ] = 200,
     as_json: JsonOpt = False,
 ) -> None:
-    """Query or tail the log aggregator: the newest lines, oldest of them first."""
+    """Show the suite's and the apps' logs (-f follows).
+
+    The newest lines of the log aggregator, oldest of them first, like tail.
+
+    App output is printed with terminal control characters shown as escapes (an app cannot
+    move the cursor or recolour your terminal)."""
     c = _ctx(ctx)
     settings = _run(c.settings)
     filters = {"service": service, "level": level, "app": app_id, "since": since}
@@ -292,14 +379,16 @@ def logs(
         )
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def config(
     ctx: typer.Context,
     render: Annotated[
         bool, typer.Option("--render", help="Print the rendered supervisord.conf.")
     ] = False,
 ) -> None:
-    """Print the effective configuration (secrets masked) or the rendered supervisord.conf."""
+    """Print the effective configuration or supervisord.conf.
+
+    Secrets are masked; --render prints the rendered supervisord.conf instead."""
     suite = _run(lambda: _ctx(ctx).suite())
     if render:
         print(suite.render(), end="")
@@ -318,25 +407,35 @@ def config(
         print(f"# {what} ({name}): {described(value)}")
 
 
-@app.command("systemd-unit")
+@app.command("systemd-unit", cls=PlainCommand)
 def systemd_unit(
     ctx: typer.Context,
-    install: Annotated[bool, typer.Option("--install", help=f"Write it to {UNIT_PATH}.")] = False,
+    install: Annotated[
+        bool,
+        typer.Option(
+            "--install",
+            help="Write it to /etc/systemd/system/ (binder.service for the default home, "
+            "binder-<digest of the home>.service for another).",
+        ),
+    ] = False,
 ) -> None:
-    """Print (or install) a systemd unit that runs supervisord for this home."""
+    """Print (or install) the systemd unit of this home.
+
+    The unit runs supervisord in the foreground, then start-all."""
     suite = _run(lambda: _ctx(ctx).suite(persist=install))
     text = unit_text(home=suite.home, binder_control=Path(sys.argv[0]).resolve())
     if not install:
         print(text, end="")
         return
+    path = unit_path(suite.home)
     _run(suite.prepare)
-    _run(lambda: UNIT_PATH.write_text(text))
+    _run(lambda: path.write_text(text))
     out.print(
-        f"installed {UNIT_PATH}; run: systemctl daemon-reload && systemctl enable --now binder"
+        f"installed {path}; run: systemctl daemon-reload && systemctl enable --now {path.name}"
     )
 
 
-@app.command("api-key")
+@app.command("api-key", cls=PlainCommand)
 def api_key_cmd(
     ctx: typer.Context,
     rotate: Annotated[
@@ -356,9 +455,7 @@ def api_key_cmd(
     def apply() -> None:
         suite.prepare()
         if suite.supervisor.running():
-            info = suite.supervisor.info("deploy-kubernetes")
-            if info and info["statename"] == "RUNNING":
-                suite.restart("deploy-kubernetes")
+            suite.restart_users_of("BINDER_API_KEY")
 
     _run(apply)
     print(suite.api_key)

@@ -7,8 +7,10 @@ command's own ``--config`` (``start-all --config P``) is the same setting, so no
 
 from __future__ import annotations
 
+import re
+
 from typer import _click  # typer ships its own click; its Context is this one
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 GLOBAL_OPTIONS = ("--home", "--config")
 
@@ -39,3 +41,17 @@ class GlobalOptionsGroup(TyperGroup):
 
     def parse_args(self, ctx: _click.core.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist(list(args)))
+
+
+PYTHON_TYPES = re.compile(r" <(?:str|bool|int|float)>")
+
+
+class PlainCommand(TyperCommand):
+    """A command whose help names each value by its metavar alone: typer's plain help follows
+    an argument's name with its Python type (``SERVICE <str>``), which tells an operator
+    nothing. Exit condition: typer lets an argument's type label be turned off."""
+
+    def format_help(self, ctx: _click.core.Context, formatter: _click.HelpFormatter) -> None:
+        inner = ctx.make_formatter()
+        super().format_help(ctx, inner)
+        formatter.write(PYTHON_TYPES.sub("", inner.getvalue()))

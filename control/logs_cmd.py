@@ -13,8 +13,9 @@ import httpx
 from rich.console import Console
 
 from common.errors import BinderError
-from common.logs_client import LogsClient
+from common.owned_http import ForeignServerError, hooks
 from common.settings import Settings
+from control.logs_client import LogsClient
 from control.services import ORDER
 
 FULL_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -51,15 +52,28 @@ def show_logs(
         )
 
 
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Characters a terminal acts on instead of showing (escape sequences, carriage returns,
+bidirectional overrides): what an app prints must not move the cursor, rewrite earlier lines,
+change the title or reorder the text of the operator's terminal."""
+
+
+def neutral(text: str) -> str:
+    """``text`` with every terminal control character shown as an escape (``\\x1b``), and
+    the lines after its first indented, so that no line of it passes for a record of its own."""
+    shown = CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(text))
+    return shown.replace("\n", "\n    ")
+
+
 def _print(records: Iterable[dict[str, Any]], *, as_json: bool, console: Console) -> None:
     for record in records:
         if as_json:
-            print(json.dumps(record), flush=True)
+            print(json.dumps(record), flush=True)  # JSON escapes every control character
             continue
-        dep = f" [{record['id'][:8]}]" if record.get("id") else ""
+        dep = f" [{neutral(record['id'])[:8]}]" if record.get("id") else ""
         console.print(
-            f"{record['time']} {record['service']:<18} {record['level']:<8}{dep} "
-            f"{record['message']}",
+            f"{neutral(record['time'])} {neutral(record['service']):<18} "
+            f"{neutral(record['level']):<8}{dep} {neutral(record['message'])}",
             markup=False,
             highlight=False,
         )
@@ -75,9 +89,10 @@ def resolve_app(settings: Settings, secrets: dict[str, str], prefix: str) -> str
     host = "127.0.0.1" if d.host in ("0.0.0.0", "") else d.host
     url = f"http://{host}:{d.port}/applications/"
     try:
-        response = httpx.get(
-            url, headers={"Authorization": secrets.get("BINDER_API_KEY", "")}, timeout=10
-        )
+        with httpx.Client(timeout=10, event_hooks=hooks("the API key")) as client:
+            response = client.get(url, headers={"Authorization": secrets.get("BINDER_API_KEY", "")})
+    except ForeignServerError as exc:
+        raise BinderError(f"--app {prefix}: {exc}") from exc
     except httpx.HTTPError as exc:
         raise BinderError(f"--app {prefix}: the deploy API at {url} is unreachable") from exc
     if response.status_code != 200:

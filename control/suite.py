@@ -13,6 +13,7 @@ from typing import Any
 
 from common.errors import BinderError, ConfigError
 from common.settings import Settings, dump_toml
+from control.launch import free, holders
 from control.secrets import (
     choose_api_key,
     ensure_home,
@@ -25,6 +26,7 @@ from control.supervisor_client import ControlError, Supervisor
 from control.supervisord import render
 
 READY_TIMEOUT = 60.0
+STOP_HOOK_TIMEOUT = 120.0
 STATES = {
     0: "STOPPED",
     10: "STARTING",
@@ -70,18 +72,20 @@ class Suite:
         """The key to start with; None means the stored one (or a new one at the first start)."""
         self.supervisor = Supervisor(self.home)
         self.effective_config = self.home / "effective.toml"
-        self.services = declare(settings, self.effective_config)
+        declared = declare(settings, self.effective_config)
+        self._declared = {service.name: service for service in declared}
+        self.services = [service for service in declared if not service.external]
+        """The services this host runs, in start order."""
         self._secrets: dict[str, str] = {}
 
     def service(self, name: str) -> Service:
-        for service in self.services:
-            if service.name == name:
-                return service
-        if name == "db" and self.settings.db.uri:
-            raise ConfigError(
-                "db.uri points at an external MongoDB: the suite runs no `db` program"
-            )
-        raise ConfigError(f"no service named {name!r} (services: {', '.join(ORDER)})")
+        """The declaration of a service this host runs (an error saying why it does not)."""
+        service = self._declared.get(name)
+        if service is None:
+            raise ConfigError(f"no service named {name!r} (services: {', '.join(ORDER)})")
+        if service.external:
+            raise ConfigError(service.external)
+        return service
 
     # --- files --------------------------------------------------------------------------------
 
@@ -112,10 +116,8 @@ class Suite:
     def restart_if_secrets_changed(self, changed: set[str], names: list[str]) -> None:
         """Stop those of ``names`` that run with an old value of a secret, so they start anew."""
         for service in self.services:
-            info = self.supervisor.info(service.name)
-            running = info is not None and info["statename"] in ("RUNNING", "STARTING", "BACKOFF")
-            if service.name in names and running and changed & set(service.secrets):
-                self.supervisor.stop(service.name)
+            if service.name in names and self._active(service) and changed & set(service.secrets):
+                self.supervisor.stop(_all(service))
 
     def render(self) -> str:
         return render(home=self.home, python=sys.executable, services=self.services)
@@ -131,8 +133,7 @@ class Suite:
 
     def check_ports(self, services: list[Service]) -> None:
         for service in services:
-            info = self.supervisor.info(service.name)
-            if info is not None and info["statename"] in ("RUNNING", "STARTING", "BACKOFF"):
+            if self._active(service):  # its own processes hold its ports
                 continue
             for address, port in service.ports:
                 if port_in_use(address, port):
@@ -147,10 +148,20 @@ class Suite:
         """Start one service and wait until it answers (and, with ``settle``, until supervisord
         counts it RUNNING: ``startsecs`` after its start)."""
         service = self.service(name)
-        info = self.supervisor.info(name)
-        if info is None or info["statename"] not in ("RUNNING", "STARTING", "BACKOFF"):
-            self.check_ports([service])
-            self.supervisor.start(name)
+        if not self._active(service):
+            taken = [
+                f"{port} ({holders(port)})" for host, port in service.ports if not free(host, port)
+            ]
+            for process in service.process_names():
+                self.supervisor.start(process)  # its launcher waits for its ports, saying so
+            if taken:
+                raise ControlError(
+                    f"service {name} waits for its port {', '.join(taken)} to be free; it "
+                    "starts once it is (binder-control status shows when it is ready)"
+                )
+        for process in service.process_names():
+            if not self._running(process):
+                self.supervisor.start(process)
         on_wait(name)
         self.await_ready(service)
         if settle:
@@ -161,44 +172,52 @@ class Suite:
         before that (it is started in the meantime, so the next one need not wait for it)."""
         deadline = time.monotonic() + timeout
         for service in services:
-            while (self.supervisor.info(service.name) or {}).get("statename") == "STARTING":
-                if time.monotonic() > deadline:
-                    raise ControlError(
-                        f"service {service.name} is still STARTING after {timeout:g} s"
-                    )
-                time.sleep(0.05)
-            state = (self.supervisor.info(service.name) or {}).get("statename")
-            if state != "RUNNING":
-                self.await_ready(service)  # says why, with its stderr
+            for process in service.process_names():
+                while (self.supervisor.info(process) or {}).get("statename") == "STARTING":
+                    if time.monotonic() > deadline:
+                        raise ControlError(
+                            f"service {process} is still STARTING after {timeout:g} s"
+                        )
+                    time.sleep(0.05)
+                state = (self.supervisor.info(process) or {}).get("statename")
+                if state != "RUNNING":
+                    self.await_ready(service)  # says why, with its stderr
 
     def await_ready(self, service: Service, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until every process of ``service`` answers ready."""
+        for number, process in enumerate(service.process_names()):
+            self._await_process(service, process, number, timeout)
+
+    def _await_process(self, service: Service, process: str, number: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         interval = 0.02
+        which = number if service.processes > 1 else None
         while True:
-            info = self.supervisor.info(service.name) or {}
+            info = self.supervisor.info(process) or {}
             state = info.get("statename", "UNKNOWN")
-            if state in ("STARTING", "RUNNING") and is_ready(service, self.secrets()):
+            if state in ("STARTING", "RUNNING") and is_ready(service, self.secrets(), which):
                 return
             if state in ("FATAL", "EXITED", "STOPPED") or time.monotonic() > deadline:
                 why = "gave up starting" if state == "FATAL" else f"is {state}"
                 if state not in ("FATAL", "EXITED", "STOPPED"):
                     why = f"was not ready within {timeout:g} s (state {state})"
-                tail = self.supervisor.stderr_tail(service.name).strip().splitlines()[-15:]
+                tail = self.supervisor.stderr_tail(process).strip().splitlines()[-15:]
                 detail = "\n".join(f"  | {line}" for line in tail) or "  | (no output on stderr)"
-                raise ControlError(
-                    f"service {service.name} {why}; last lines of its stderr:\n{detail}"
-                )
+                raise ControlError(f"service {process} {why}; last lines of its stderr:\n{detail}")
             time.sleep(interval)
             interval = min(interval * 1.5, 0.25)
 
     def start_all(self, *, on_wait: Callable[[str], None] = lambda _: None) -> None:
         """Start everything in order. When a service fails, what this call started is stopped
-        again (supervisord too, if it started it) before the error is raised."""
-        changed = self.prepare()
+        again (supervisord too, if it started it) before the error is raised. A start refused
+        before anything runs (a port taken) writes nothing to the home."""
         daemon_was_running = self.supervisor.running()
+        if not daemon_was_running:
+            self.check_ports(self.services)
+        changed = self.prepare()
         self.ensure_supervisord()
         self.restart_if_secrets_changed(changed, [s.name for s in self.services])
-        before = {s.name: self._active(s.name) for s in self.services}
+        before = {s.name: self._active(s) for s in self.services}
         try:
             for service in self.services:
                 self.start(service.name, on_wait=on_wait, settle=False)
@@ -207,65 +226,72 @@ class Suite:
             self._undo([s.name for s in self.services if not before[s.name]], daemon_was_running)
             raise
 
-    def _active(self, name: str) -> bool:
-        info = self.supervisor.info(name)
+    def _running(self, process: str) -> bool:
+        info = self.supervisor.info(process)
         return info is not None and info["statename"] in ("RUNNING", "STARTING", "BACKOFF")
+
+    def _active(self, service: Service) -> bool:
+        """Whether any process of ``service`` runs (or is starting)."""
+        return any(self._running(p) for p in service.process_names())
 
     def _undo(self, started: list[str], daemon_was_running: bool) -> None:
         """Stop ``started`` (newest first) and supervisord when it was not running before."""
         for name in reversed(started):
-            self.supervisor.stop(name)
+            self.supervisor.stop(_all(self.service(name)))
         if not daemon_was_running:
             self.supervisor.shutdown()
 
     # --- stopping -----------------------------------------------------------------------------
 
     def stop(self, name: str) -> None:
-        self.service(name)
+        service = self.service(name)
         if not self.supervisor.running():
             return
-        self.supervisor.stop(name)
-        if name == "deploy-kubernetes":
-            self._finish(self._stop_apps())
+        self.supervisor.stop(_all(service))
+        self._finish(service, self._run_stop_hook(service))
 
-    def _stop_apps(self) -> subprocess.Popen[str] | None:
-        """End the deploy server's apps on this host (local processes, containers)."""
-        if self.settings.deploy.backend == "kubernetes":
+    def _run_stop_hook(self, service: Service) -> subprocess.Popen[str] | None:
+        """Start the service's stop hook (with its secrets), if it has one."""
+        if not service.stop_hook:
             return None
-        deploy = self.service("deploy-kubernetes")
         secrets = self.secrets()
         return subprocess.Popen(
-            [*deploy.command, "--stop-apps"],
+            list(service.stop_hook),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env={
                 **os.environ,
                 "BINDER_HOME": str(self.home),
-                **{k: secrets[k] for k in deploy.secrets if k in secrets},
+                **{k: secrets[k] for k in service.secrets if k in secrets},
             },
         )
 
-    def _finish(self, proc: subprocess.Popen[str] | None) -> None:
+    def _finish(self, service: Service, proc: subprocess.Popen[str] | None) -> None:
         if proc is None:
             return
-        _, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=STOP_HOOK_TIMEOUT)
         if proc.returncode != 0:
-            raise ControlError(f"stopping the deployed apps failed: {stderr.strip()[-2000:]}")
+            raise ControlError(
+                f"what runs after {service.name} stops failed: {stderr.strip()[-2000:]}"
+            )
 
     def stop_all(self, *, on_wait: Callable[[str], None] = lambda _: None) -> None:
+        """Stop every service, newest first; a stop hook runs while the next ones stop, and
+        the services it needs stop only once it has finished."""
         if not self.supervisor.running():
             return
-        cleanup = None
+        hooks: dict[str, tuple[Service, subprocess.Popen[str] | None]] = {}
         for service in reversed(self.services):
             on_wait(service.name)
-            if service.name == "db":
-                self._finish(cleanup)  # the apps' records are written before the database stops
-                cleanup = None
-            self.supervisor.stop(service.name)
-            if service.name == "deploy-kubernetes":
-                cleanup = self._stop_apps()
-        self._finish(cleanup)
+            for name, (owner, proc) in list(hooks.items()):
+                if service.name in owner.hook_needs:
+                    self._finish(owner, proc)
+                    del hooks[name]
+            self.supervisor.stop(_all(service))
+            hooks[service.name] = (service, self._run_stop_hook(service))
+        for owner, proc in hooks.values():
+            self._finish(owner, proc)
         self.supervisor.shutdown()
         for service in self.services:
             for address, port in service.ports:
@@ -274,15 +300,37 @@ class Suite:
                     time.sleep(0.02)
 
     def restart(self, name: str, *, on_wait: Callable[[str], None] = lambda _: None) -> None:
-        """Restart one service of a running suite, with the home's files written anew."""
-        self.service(name)
+        """Restart one service of a running suite, with the home's files written anew. A
+        service of several processes is restarted one process at a time, each awaited ready
+        before the next stops, so that it never stops answering."""
+        service = self.service(name)
         if not self.supervisor.running():
             raise ControlError(
                 f"cannot restart {name}: the suite is not running (start it with start-all)"
             )
         self.prepare()
-        self.supervisor.stop(name)
-        self.start(name, on_wait=on_wait)
+        if service.processes == 1 or not self._active(service):
+            self.supervisor.stop(_all(service))
+            self.start(name, on_wait=on_wait)
+            return
+        for number, process in enumerate(service.process_names()):
+            on_wait(process)
+            self.supervisor.stop(process)
+            self.supervisor.start(process)
+            self._await_process(service, process, number, READY_TIMEOUT)
+
+    def restart_users_of(self, secret: str) -> list[str]:
+        """Restart the running services that get ``secret`` (after it changed); their names."""
+        restarted = []
+        for service in self.services:
+            if secret in service.secrets and self._active(service):
+                self.restart(service.name)
+                restarted.append(service.name)
+        return restarted
+
+    def started_before(self) -> bool:
+        """Whether a start has ever written this home (its supervisord.conf)."""
+        return self.supervisor.conf.exists()
 
     # --- reporting ----------------------------------------------------------------------------
 
@@ -291,12 +339,18 @@ class Suite:
         rows = []
         running = self.supervisor.running()
         for service in self.services:
-            info = self.supervisor.info(service.name) if running else None
-            state = info["statename"] if info else "STOPPED"
-            pid = info["pid"] or None if info else None
-            uptime = (info["now"] - info["start"]) if info and state == "RUNNING" else None
-            ready = state == "RUNNING" and is_ready(service, self.secrets())
-            rows.append(Row(service.name, state, pid, uptime, ready, restarts.get(service.name, 0)))
+            for number, process in enumerate(service.process_names()):
+                info = self.supervisor.info(process) if running else None
+                state = info["statename"] if info else "STOPPED"
+                pid = info["pid"] or None if info else None
+                uptime = (info["now"] - info["start"]) if info and state == "RUNNING" else None
+                which = number if service.processes > 1 else None
+                ready = state == "RUNNING" and is_ready(service, self.secrets(), which)
+                # supervisord's log names a process of a group by its own name (the number)
+                count = restarts.get(
+                    process.rsplit(":", 1)[-1] if which is not None else process, 0
+                )
+                rows.append(Row(process, state, pid, uptime, ready, count))
         return rows
 
     def restart_counts(self) -> dict[str, int]:
@@ -315,3 +369,8 @@ class Suite:
             if match:
                 counts[match.group(1)] = counts.get(match.group(1), 0) + 1
         return counts
+
+
+def _all(service: Service) -> str:
+    """What supervisord calls every process of ``service`` (its group's, when several)."""
+    return service.name if service.processes == 1 else f"{service.name}:*"

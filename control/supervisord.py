@@ -7,8 +7,6 @@ from pathlib import Path
 
 from control.services import Service
 
-PRIORITY = {"db": 10, "logging": 20, "proxy": 30, "deploy-kubernetes": 40}
-
 
 def _quote(argv: tuple[str, ...] | list[str]) -> str:
     # supervisord expands %(...)s in commands: a literal % must be doubled
@@ -16,8 +14,9 @@ def _quote(argv: tuple[str, ...] | list[str]) -> str:
 
 
 def render(*, home: Path, python: str, services: list[Service]) -> str:
-    """The whole configuration. Secrets are not in it: ``control.launch`` reads them from the
-    owner-only ``secrets.env`` when it starts a program that needs them."""
+    """The whole configuration. Secrets are not in it: ``control.launch``, which starts every
+    program once its ports are free, reads them from the owner-only ``secrets.env`` for a
+    program that needs them."""
     logs = home / "logs"
     lines = [
         "; rendered by binder-control; edits are overwritten by the next start-all",
@@ -42,23 +41,28 @@ def render(*, home: Path, python: str, services: list[Service]) -> str:
         f"serverurl=unix://{home / 'supervisor.sock'}",
     ]
     for service in services:
-        command = list(service.command)
+        if service.external:
+            continue
+        launch = [python, "-m", "control.launch"]
         if service.secrets:
-            command = [
-                python,
-                "-m",
-                "control.launch",
-                str(home / "secrets.env"),
-                ",".join(service.secrets),
-                "--",
-                *command,
-            ]
+            launch += ["--secrets", str(home / "secrets.env"), ",".join(service.secrets)]
+        if service.ports:
+            launch += ["--ports", ",".join(f"{host}:{port}" for host, port in service.ports)]
+        if service.processes > 1:
+            launch += ["--shared-ports"]
+        command = [*launch, "--", *service.command]
         env = {"BINDER_HOME": str(home), "PYTHONUNBUFFERED": "1", **service.env}
+        several = service.processes > 1
+        # supervisord expands %(process_num)d in a program's names, log files and environment
+        number = ".%(process_num)d" if several else ""
+        if several:
+            env = {k: v.replace("{n}", "%(process_num)d") for k, v in env.items()}
         lines += [
             "",
             f"[program:{service.name}]",
             f"command={_quote(command)}",
-            f"priority={PRIORITY.get(service.name, 50)}",
+            *([f"numprocs={service.processes}", "process_name=%(process_num)d"] if several else []),
+            f"priority={service.priority}",
             "autostart=false",  # binder-control starts them in order, each awaited ready
             "autorestart=true",
             "startsecs=1",
@@ -67,10 +71,10 @@ def render(*, home: Path, python: str, services: list[Service]) -> str:
             f"stopwaitsecs={service.stop_seconds}",
             "stopasgroup=true",
             "killasgroup=true",
-            f"stdout_logfile={logs / f'{service.name}.out.log'}",
+            f"stdout_logfile={logs / f'{service.name}.out{number}.log'}",
             "stdout_logfile_maxbytes=10MB",
             "stdout_logfile_backups=5",
-            f"stderr_logfile={logs / f'{service.name}.err.log'}",
+            f"stderr_logfile={logs / f'{service.name}.err{number}.log'}",
             "stderr_logfile_maxbytes=10MB",
             "stderr_logfile_backups=5",
             "environment=" + ",".join(f'{k}="{v}"' for k, v in sorted(env.items())),

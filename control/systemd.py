@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
-UNIT_PATH = Path("/etc/systemd/system/binder.service")
+UNIT_DIR = Path("/etc/systemd/system")
+DEFAULT_HOME = Path("~/.binder")
+
+
+def unit_path(home: Path) -> Path:
+    """Where the unit of ``home`` is installed: ``binder.service`` for the default home, and
+    ``binder-<digest of the home's path>.service`` for any other, so two homes on one host
+    have two units."""
+    if home.resolve() == DEFAULT_HOME.expanduser().resolve():
+        return UNIT_DIR / "binder.service"
+    digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]
+    return UNIT_DIR / f"binder-{digest}.service"
 
 
 def unit_text(*, home: Path, binder_control: Path) -> str:

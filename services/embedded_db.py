@@ -9,7 +9,17 @@ a kill -9 (``--sync-on-commit`` flushes every commit, at about twice the cost of
 SIGTERM it wakes the server's accept loop with a connection, so it stops in a few tens of
 milliseconds instead of waiting out the accept thread's two-second join; and with ``--auth`` it
 provisions the user named in ``BINDER_DB_URI`` (an environment variable, never an argument) before
-it listens, then requires SCRAM-SHA-256 authentication of every client.
+it listens, then requires SCRAM-SHA-256 authentication of every client, and keeps strangers from
+the connections the suite needs (:class:`GuardedConnections`).
+
+Multi-document transactions are journaled too (:func:`journal_transactions`): the server commits
+them without flushing its log whatever ``commitTransaction``'s write concern asks (its single
+writes honour ``j``), so a kill -9 lost transactions it had acknowledged (measured: the store
+contract's restart test lost a record inserted in a transaction). That function replaces the
+commit of the server's transaction registry, a private attribute of ``secantusdb`` 0.7.0b3 (the
+version ``pyproject.toml`` pins); ``tests/integration/test_store_contract.py`` (writes across a
+kill -9 of the database) holds its reason. Exit condition: delete it when the server honours
+``commitTransaction``'s ``j``.
 """
 
 from __future__ import annotations
@@ -22,11 +32,20 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from secantus import SecantusDBServer
 from secantus.auth import SCRAM_SHA_256, derive_credentials
+from secantus.connreg import ConnectionRegistry
+
+from common.peers import peer_uid
+
+log = logging.getLogger("embedded_db")
+SAY_EVERY_SECONDS = 10.0
+"""Connections cut are logged at most this often (a flood would fill the log otherwise)."""
 
 
 def _wake(host: str, port: int, done: threading.Event) -> None:
@@ -38,6 +57,92 @@ def _wake(host: str, port: int, done: threading.Event) -> None:
         except OSError:
             return
         time.sleep(0.005)
+
+
+class GuardedConnections(ConnectionRegistry):  # type: ignore[misc]  # secantus is untyped
+    """The server's connection registry, which also keeps strangers from filling its slots.
+
+    SecantusDB serves at most ``max_connections`` clients (1,000), a thread each, and keeps a
+    silent one for ``client_idle_timeout_s`` (300 s): other programs of the host could hold every
+    slot without a password, and the suite could not connect. A connection is a stranger's when
+    the socket at its other end is not of the server's own user (another user's program, or
+    another host: :func:`common.peers.peer_uid`). A stranger must authenticate within
+    ``deadline`` seconds, or it is cut; at most ``max_strangers`` strangers wait to authenticate
+    at once, and one more is cut at once. The suite's own clients (its user's) are never cut:
+    their pooled monitoring connections never authenticate, as drivers do.
+
+    It replaces ``SecantusDBServer.connections`` (a public attribute the accept loop registers each
+    connection with, and whose ``authenticate`` SCRAM calls on success); ``secantusdb`` is pinned
+    to the version this was checked with in ``pyproject.toml``, and ``tests/integration/
+    test_connection_bounds.py`` holds what it exists for. Exit condition: delete it when the
+    server bounds unauthenticated connections itself (a deadline and a cap of its own)."""
+
+    def __init__(self, *, deadline: float, max_strangers: int) -> None:
+        super().__init__()
+        self.deadline = deadline
+        self.max_strangers = max_strangers
+        self._uid = os.geteuid()
+        self._strangers: dict[int, float] = {}
+        """Connections of strangers not yet authenticated, and when each is cut."""
+        self._changed = threading.Condition()
+        self._cut = 0
+        self._said_at = 0.0
+        threading.Thread(target=self._cut_late, name="auth-deadline", daemon=True).start()
+
+    def open(self, peer_addr: tuple[str, int], sock: socket.socket | None = None) -> int:
+        conn_id = int(super().open(peer_addr, sock))
+        if sock is None or self._own(sock):
+            return conn_id
+        with self._changed:
+            full = len(self._strangers) >= self.max_strangers
+            if not full:
+                self._strangers[conn_id] = time.monotonic() + self.deadline
+                self._changed.notify()
+        if full:
+            self._cut_one(conn_id, f"{self.max_strangers} others wait to authenticate")
+        return conn_id
+
+    def authenticate(self, conn_id: int, user: str) -> None:
+        super().authenticate(conn_id, user)
+        with self._changed:
+            self._strangers.pop(conn_id, None)
+
+    def close(self, conn_id: int) -> None:
+        super().close(conn_id)
+        with self._changed:
+            self._strangers.pop(conn_id, None)
+
+    def _own(self, sock: socket.socket) -> bool:
+        try:
+            return peer_uid(sock) == self._uid
+        except OSError:  # gone already, or no answer from the kernel: a stranger
+            return False
+
+    def _cut_one(self, conn_id: int, why: str) -> None:
+        self.kill(conn_id)
+        self._cut += 1
+        now = time.monotonic()
+        if now - self._said_at >= SAY_EVERY_SECONDS:  # one line a while, however many
+            self._said_at = now
+            log.warning(
+                "cut %d unauthenticated connections of other users or hosts so far (last: %s)",
+                self._cut,
+                why,
+            )
+
+    def _cut_late(self) -> None:
+        while True:
+            with self._changed:
+                while not self._strangers:
+                    self._changed.wait()
+                first = min(self._strangers.values())
+                self._changed.wait(max(0.0, first - time.monotonic()))
+                now = time.monotonic()
+                late = [c for c, at in self._strangers.items() if at <= now]
+                for conn_id in late:
+                    del self._strangers[conn_id]
+            for conn_id in late:
+                self._cut_one(conn_id, f"not authenticated within {self.deadline:g} s")
 
 
 def provision_user(server: SecantusDBServer, uri: str) -> str:
@@ -60,6 +165,33 @@ def provision_user(server: SecantusDBServer, uri: str) -> str:
     return user
 
 
+class _SyncedCommits:
+    """A WiredTiger session whose commits flush the log to disk (``sync=on``)."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def commit_transaction(self, config: str | None = None) -> Any:
+        return self._session.commit_transaction("sync=on")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def journal_transactions(server: SecantusDBServer) -> None:
+    """Make every multi-document transaction's commit durable before it is acknowledged."""
+    registry = server.transactions
+    commit: Callable[[Any], None] = registry._commit
+
+    def durable(txn: Any) -> None:
+        handle = getattr(txn, "handle", None)
+        if handle is not None and not isinstance(handle.session, _SyncedCommits):
+            handle.session = _SyncedCommits(handle.session)
+        commit(txn)
+
+    registry._commit = durable
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.embedded_db", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -69,6 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         "--auth",
         action="store_true",
         help="require authentication; the user and password come from BINDER_DB_URI",
+    )
+    parser.add_argument(
+        "--auth-deadline",
+        type=float,
+        default=10.0,
+        help="with --auth: seconds in which a client of another user or host must authenticate",
+    )
+    parser.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=32,
+        help="with --auth: clients of other users or hosts waiting to authenticate at once",
     )
     parser.add_argument(
         "--sync-on-commit",
@@ -89,9 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         sync_on_commit=args.sync_on_commit,
         enable_test_commands=False,  # no fail points or test commands on the suite's data
     )
+    journal_transactions(server)
     if args.auth:
         user = provision_user(server, os.environ.get("BINDER_DB_URI", ""))
-        logging.getLogger("embedded_db").info("authentication required; user %s provisioned", user)
+        server.connections = GuardedConnections(
+            deadline=args.auth_deadline, max_strangers=args.max_unauthenticated
+        )
+        log.info("authentication required; user %s provisioned", user)
     done = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -99,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         waker.start()
         server.stop()
         done.set()
-        logging.getLogger("embedded_db").info("stopped on signal %d", signum)
+        log.info("stopped on signal %d", signum)
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)

@@ -10,16 +10,25 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
+from pymongo import MongoClient
+
+from common.settings import Settings, load_settings
+from services.deploy_kubernetes.backends.local.groups import shim_of
+from services.deploy_kubernetes.backends.local.sandboxed import SandboxedBackend, suite_cgroups
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CHP = ROOT / ".node" / "node_modules" / ".bin" / "configurable-http-proxy"
+PROXY_EDGE = ROOT / "services" / "proxy_edge.js"
 EXAMPLE_COMMAND = (
     "{python}",
     "-m",
@@ -71,10 +80,11 @@ def wait_for(
     Connection errors, and the exceptions in ``ignore``, count as "not yet"."""
     deadline = time.monotonic() + timeout
     last: Any = None
+    passed: tuple[type[Exception], ...] = (httpx.HTTPError, OSError, *ignore)
     while time.monotonic() < deadline:
         try:
             last = check()
-        except (httpx.HTTPError, OSError, *ignore) as exc:
+        except passed as exc:
             last = exc
         else:
             if last:
@@ -150,7 +160,8 @@ class Database:
 
     USER = "binder"
 
-    def __init__(self, workdir: Path, *, auth: bool = True) -> None:
+    def __init__(self, workdir: Path, *, auth: bool = True, options: tuple[str, ...] = ()) -> None:
+        """``options`` are added to the server's command line (``--auth-deadline 1``)."""
         self.port = free_port()
         self.dir = workdir / "db"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +178,7 @@ class Database:
             str(self.dir),
         ]
         self.proc = Proc(
-            [*argv, "--auth"] if auth else argv,
+            [*argv, "--auth", *options] if auth else [*argv, *options],
             log=workdir / "db.log",
             env={**os.environ, "BINDER_DB_URI": self.uri},  # the credentials: never in argv
             cwd=ROOT,
@@ -209,14 +220,25 @@ class Database:
 class Proxy:
     """configurable-http-proxy with its token in the environment, on free ports."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, edge: dict[str, str] | None = None) -> None:
+        """``edge`` overrides the bounds of ``services/proxy_edge.js`` (``CHP_EDGE_*``)."""
         if not CHP.exists():
             raise RuntimeError("configurable-http-proxy is missing: run `make setup`")
         self.port, self.api_port = free_port(), free_port()
         self.token = secrets.token_hex(16)
-        env = {**os.environ, "CONFIGPROXY_AUTH_TOKEN": self.token}
+        bounds = {  # the suite's defaults (control.services.proxy_edge_env)
+            "CHP_EDGE_PUBLIC_PORT": str(self.port),
+            "CHP_EDGE_PER_CLIENT": "200",
+            "CHP_EDGE_HEADER_TIMEOUT_MS": "10000",
+            "CHP_EDGE_MAX_HEADERS": "100",
+            **(edge or {}),
+        }
+        env = {**os.environ, "CONFIGPROXY_AUTH_TOKEN": self.token, **bounds}
         self.proc = Proc(
             [
+                "node",
+                "--require",  # as the suite runs it (control.services)
+                str(PROXY_EDGE),
                 str(CHP),
                 "--ip",
                 "127.0.0.1",
@@ -230,6 +252,19 @@ class Proxy:
             log=workdir / "proxy.log",
             env=env,
         )
+        self._argv = list(self.proc.argv)
+
+    def front(self, deploy_url: str) -> None:
+        """Send what no route takes to the deploy server at ``deploy_url``, as the suite's proxy
+        does (its pages, and the ended page of a gone session), and ask it for the error page
+        of an app that does not answer; takes effect at the next start."""
+        self.proc.argv = [
+            *self._argv,
+            "--default-target",
+            deploy_url,
+            "--error-target",
+            f"{deploy_url}/ended",
+        ]
 
     def start(self) -> Proxy:
         self.proc.start()
@@ -267,15 +302,19 @@ class DeployServer:
         proxy: Proxy,
         *,
         sections: dict[str, dict[str, Any]] | None = None,
+        environ: dict[str, str] | None = None,
+        home: Path | None = None,
         **deploy: Any,
     ) -> None:
         """``deploy`` options go to ``[deploy]``; ``sections`` adds other tables
-        (``{"http": {"header_timeout_seconds": 1}}``)."""
+        (``{"http": {"header_timeout_seconds": 1}}``); ``environ`` is added to the server's
+        environment (the entry point's test hooks); ``home`` is another server's home, for two
+        servers of one host (they share its apps' state)."""
         self.workdir, self.db, self.proxy = workdir, db, proxy
         self.port = free_port()
         self.api_key = secrets.token_hex(16)
         self.logging_token = secrets.token_hex(16)
-        self.home = workdir / "home"
+        self.home = home or workdir / "home"
         self.config = workdir / "deploy.toml"
         options = {"port": self.port, "host": "127.0.0.1", **deploy}
         lines = [
@@ -296,6 +335,7 @@ class DeployServer:
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: Proc | None = None
         self._client: httpx.Client | None = None
+        self.environ = environ or {}
 
     @property
     def url(self) -> str:
@@ -308,6 +348,7 @@ class DeployServer:
             "CONFIGPROXY_AUTH_TOKEN": self.proxy.token,
             "BINDER_LOGGING_TOKEN": self.logging_token,
             "BINDER_HOME": str(self.home),
+            **self.environ,
         }
         self.proc = Proc(
             [sys.executable, "-m", "services.deploy_kubernetes", "--config", str(self.config)],
@@ -334,6 +375,16 @@ class DeployServer:
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.kill9()
+
+    def metric(self, name: str) -> float | None:
+        """A sample of /metrics (``name`` with its labels, as printed), None when absent."""
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def leads(self) -> bool:
+        return self.metric('binder_lease_held{lease="leader"}') == 1
 
     @property
     def auth(self) -> dict[str, str]:
@@ -367,15 +418,69 @@ class DeployServer:
         result: dict[str, Any] = wait_for(check, timeout=timeout, what=f"{dep_id} to be {statuses}")
         return result
 
+    def settings(self) -> Settings:
+        return load_settings(self.config, home=self.home, environ={})
+
     def app_pids(self) -> dict[str, int]:
-        """Deployment id -> pid of the local backend's running apps (from its pid files)."""
+        """Deployment id -> pid of the local backend's running apps: for sandboxed apps their
+        shim (the one root process of their cgroup), else the pid of their pid file."""
         import json
 
+        if self.settings().deploy.local.sandbox:
+            cgroups = suite_cgroups(self.home / "run" / "local")
+            found = {dep_id: shim_of(group) for dep_id, group in cgroups.apps().items()}
+            return {dep_id: pid for dep_id, pid in found.items() if pid is not None}
         out = {}
         for path in (self.home / "run" / "local").glob("*.json"):
             with contextlib.suppress(ValueError, OSError):
                 out[path.stem] = int(json.loads(path.read_text())["pid"])
         return out
+
+    def app_processes(self, dep_id: str) -> list[int]:
+        """Every process of a sandboxed app (its cgroup's), its shim included."""
+        group = suite_cgroups(self.home / "run" / "local").apps().get(dep_id)
+        return group.procs() if group is not None else []
+
+    def kill_app(self, dep_id: str, sig: int = signal.SIGKILL) -> None:
+        """The app dies by ``sig``: every process of its sandbox but its shim (the suite's),
+        or its process group when it is not sandboxed."""
+        if not self.settings().deploy.local.sandbox:
+            os.killpg(self.app_pids()[dep_id], sig)
+            return
+        group = suite_cgroups(self.home / "run" / "local").apps()[dep_id]
+        group.signal(sig, spare=shim_of(group))
+
+    def remove_apps(self) -> None:
+        """End every app the server left running, leaving nothing of them on the host (the
+        server itself is stopped)."""
+        settings = self.settings()
+        if settings.deploy.backend != "local":
+            return
+        if not settings.deploy.local.sandbox:
+            for pid in self.app_pids().values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            return
+        from services.deploy_kubernetes.app import build_backend
+
+        async def stop_all() -> None:
+            async def ignore(_: object) -> None:
+                return None
+
+            backend = build_backend(settings)
+            assert isinstance(backend, SandboxedBackend)
+            await backend.open(ignore)
+            try:
+                for obs in await backend.list():
+                    await backend.stop(obs.id, obs.ref)
+            finally:
+                await backend.close()
+            await backend.retire()
+
+        # in a thread of its own: the caller may be running an event loop (the pages' tests)
+        done = threading.Thread(target=anyio.run, args=(stop_all,))
+        done.start()
+        done.join()
 
 
 def _toml(value: Any) -> str:
@@ -453,3 +558,58 @@ class LoggingServer:
             if not page["next"]:
                 return out
             params["cursor"] = page["next"]
+
+
+def seed_history(uri: str, database: str, *, count: int, start: datetime) -> None:
+    """``count`` ended records, one every 30 s from ``start``, numbered as the store numbers
+    the records that end (their history's order), into a database whose indexes the store
+    made first (as a server's months of history are written)."""
+
+    async def indexes() -> None:
+        from services.deploy_kubernetes.store.mongo import MongoStore
+
+        store = MongoStore(uri=uri, database=database)
+        try:
+            await store.open()
+        finally:
+            await store.close()
+
+    anyio.run(indexes)
+    with MongoClient[dict[str, Any]](uri) as client:
+        db = client[database]
+        batch: list[dict[str, Any]] = []
+        numbers: dict[str, int] = {}
+        for n in range(1, count + 1):
+            created = start + n * HISTORY_STEP
+            template = "example" if n % 5 else "other"
+            numbers[template] = numbers.get(template, 0) + 1
+            batch.append(
+                {
+                    "id": f"{n:032x}",
+                    "template": template,
+                    "status": "failed" if n % 7 == 0 else "deleted",
+                    "created": created,
+                    "ended_at": created + timedelta(minutes=5),
+                    "cull_timeout_ms": 3_600_000,
+                    "location": f"h/user/{n:032x}",
+                    "url": f"http://h/user/{n:032x}/",
+                    "reason": "deleted by request",
+                    "pooled": False,
+                    "backend_ref": {},
+                    "client": "192.0.2.1",
+                    "ended_seq": n,
+                    "template_seq": f"{template}/{numbers[template]:012d}",
+                }
+            )
+            if len(batch) == 10_000 or n == count:
+                db["deployments"].insert_many(batch)
+                batch = []
+        statuses = {"failed": count // 7, "deleted": count - count // 7}
+        counters = [{"_id": "ended", "n": count}]
+        counters += [{"_id": f"ended:{t}", "n": n} for t, n in numbers.items()]
+        counters += [{"_id": f"ended-status:{s}", "n": n} for s, n in statuses.items()]
+        for doc in counters:
+            db["counters"].replace_one({"_id": doc["_id"]}, doc, upsert=True)
+
+
+HISTORY_STEP = timedelta(seconds=30)

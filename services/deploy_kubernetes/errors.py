@@ -72,7 +72,16 @@ class ConflictError(BinderError):
 
 
 class LaunchError(BinderError):
-    """A launch that cannot succeed; its message becomes the deployment's ``reason``."""
+    """A launch that cannot succeed; its message becomes the deployment's ``reason``. Answered
+    502 where it reaches a client (a failed preload): the backend or its registry failed, not
+    this server."""
 
-    status_code = 500
+    status_code = 502
     type = "launchFailed"
+
+
+class FencedError(BinderError):
+    """A leader's write refused: its lease has passed, or another server holds it now."""
+
+    status_code = 503
+    type = "notLeader"

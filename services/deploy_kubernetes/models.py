@@ -10,12 +10,18 @@ from enum import StrEnum
 from typing import Any
 
 from services.deploy_kubernetes.errors import MalformedRequestError
+from services.deploy_kubernetes.urls import app_url, check_relative_path
 
-ID_RE = re.compile(r"^[0-9a-f]{32}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# anchored with \Z, not $: a $ also matches before a final newline ("<id>\n" would pass)
+ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
+DEFAULT_PIDS = 1024
+"""A template's ``limits.pids`` when it names none."""
+MAX_PIDS = 4_194_304
+"""Linux's largest ``pid_max``."""
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 QUANTITY_RE = re.compile(
-    r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?$"
+    r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?\Z"
 )
 MAX_CULL_TIMEOUT_MS = 30 * 24 * 3600 * 1000
 
@@ -49,6 +55,17 @@ def sources_of(target: Status) -> list[Status]:
 
 def new_id() -> str:
     return secrets.token_hex(16)
+
+
+def new_token() -> str:
+    """A launch's own secret (``{token}``): 192 random bits, safe in a URL's query."""
+    return secrets.token_urlsafe(24)
+
+
+def is_id(value: object) -> bool:
+    """True for a deployment id (32 lowercase hex digits) and nothing else: the only form of an
+    id that may name a file, a folder or a process group."""
+    return isinstance(value, str) and ID_RE.match(value) is not None
 
 
 def now() -> datetime:
@@ -86,6 +103,22 @@ class Deployment:
     ended_at: datetime | None = None
     client: str | None = None
     """Who launched it: ``api-key``, or the anonymous client's address (never shown publicly)."""
+    urlpath: str = ""
+    """The path below the app's base URL that the launch asked to open (``lab/tree/a.ipynb``)."""
+    token: str | None = field(default=None, repr=False)
+    """The launch's secret (``{token}``) where its template takes one: in ``url`` for the
+    launching client only (:meth:`to_api`), never logged."""
+    owner: str | None = None
+    """The server running its launch while it is ``deploying`` (another server adopts the launch
+    when this one stops beating)."""
+    ended_seq: int | None = None
+    """Its number among the records that ended (the history's order)."""
+    template_seq: str | None = None
+    """``<template>/<number>``: its number among its template's records that ended."""
+
+    @property
+    def template_number(self) -> int | None:
+        return None if self.template_seq is None else int(self.template_seq.rsplit("/", 1)[1])
 
     @property
     def route(self) -> str:
@@ -94,16 +127,22 @@ class Deployment:
     def evolve(self, **changes: Any) -> Deployment:
         return replace(self, **changes)
 
-    def to_api(self) -> dict[str, Any]:
+    def to_api(self, *, with_token: bool = False) -> dict[str, Any]:
+        """The record as the API answers it. An ended one has no ``location`` or ``url`` (the
+        app is gone: they would lead nowhere); the record keeps them as its history. ``url``
+        (the stored base URL, then ``urlpath``) carries the launch's token only ``with_token``:
+        in the answers to the launching client (the launch, the status and the events of that
+        id), never in lists or the console."""
         out: dict[str, Any] = {
             "id": self.id,
             "template-name": self.template,
             "status": self.status.value,
             "created": iso(self.created),
         }
-        if self.location:
+        if self.location and not self.status.final:
             out["location"] = self.location
-            out["url"] = self.url
+            token = self.token if with_token else None
+            out["url"] = app_url(self.url, self.urlpath, token) if self.url else self.url
         if self.reason:
             out["reason"] = self.reason
         if self.last_activity:
@@ -113,6 +152,9 @@ class Deployment:
     def to_doc(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["status"] = self.status.value
+        for key in ("ended_seq", "template_seq"):
+            if doc[key] is None:
+                del doc[key]  # only the records that ended have one (a unique index)
         return doc
 
     @classmethod
@@ -137,9 +179,21 @@ class Template:
     port: int = 8888
     env: dict[str, str] = field(default_factory=dict)
     limits: dict[str, str] = field(default_factory=dict)
+    """Memory and CPU as Kubernetes quantities."""
+    pids: int = DEFAULT_PIDS
+    """Processes and threads the app may have at once (``limits.pids``)."""
     cull_timeout_ms: int | None = None
     pool_size: int = 0
     max_deployments: int | None = None
+    ready_path: str = ""
+    """Where, below the base URL, the app answers once it is ready (2xx, 3xx or 401)."""
+    activity_path: str = ""
+    """Where, below the base URL, the app tells its own ``last_activity`` (JSON), if it does."""
+
+    @property
+    def takes_token(self) -> bool:
+        """Whether its command or environment takes ``{token}``: then each launch has one."""
+        return any("{token}" in word for word in (*self.command, *self.env.values()))
 
     def to_api(self, *, with_env: bool = True) -> dict[str, Any]:
         """The template as the API shows it; ``env`` values only to holders of the key."""
@@ -149,7 +203,7 @@ class Template:
             "image-source": self.image_source,
             "command": list(self.command),
             "port": self.port,
-            "limits": dict(self.limits),
+            "limits": {**self.limits, "pids": self.pids},
             "pool-size": self.pool_size,
         }
         if with_env:
@@ -158,6 +212,10 @@ class Template:
             out["cull-timeout"] = self.cull_timeout_ms
         if self.max_deployments is not None:
             out["max-deployments"] = self.max_deployments
+        if self.ready_path:
+            out["ready-path"] = self.ready_path
+        if self.activity_path:
+            out["activity-path"] = self.activity_path
         return out
 
 
@@ -180,6 +238,20 @@ def check_quantity(value: Any, field_name: str) -> str:
     if not isinstance(text, str) or not QUANTITY_RE.match(text):
         raise MalformedRequestError(f"{field_name}: {value!r} is not a Kubernetes quantity")
     return text
+
+
+def parse_status(value: str) -> Status:
+    """The status named ``value`` (422 naming the choices otherwise)."""
+    try:
+        return Status(value)
+    except ValueError as exc:
+        choices = ", ".join(s.value for s in Status)
+        raise MalformedRequestError(f"status: must be one of {choices}") from exc
+
+
+def parse_urlpath(value: Any) -> str:
+    """A launch's ``urlpath``: a path below the app's base URL (422 naming the field)."""
+    return check_relative_path(value, "urlpath")
 
 
 def parse_cull_timeout(value: Any) -> int:
@@ -217,6 +289,8 @@ def parse_template(data: dict[str, Any], *, name: str | None = None) -> Template
         "cull-timeout",
         "pool-size",
         "max-deployments",
+        "ready-path",
+        "activity-path",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -242,9 +316,12 @@ def parse_template(data: dict[str, Any], *, name: str | None = None) -> Template
     ):
         raise MalformedRequestError("env: must map variable names (letters, digits, _) to strings")
     limits = data.get("limits", {})
-    if not isinstance(limits, dict) or set(limits) - {"memory", "cpu"}:
-        raise MalformedRequestError("limits: must be a table with 'memory' and/or 'cpu'")
-    limits = {k: check_quantity(v, f"limits.{k}") for k, v in limits.items()}
+    if not isinstance(limits, dict) or set(limits) - {"memory", "cpu", "pids"}:
+        raise MalformedRequestError("limits: must be a table of 'memory', 'cpu' and 'pids'")
+    pids = _int_field(limits, "pids", low=1, high=MAX_PIDS)
+    limits = {
+        k: check_quantity(v, f"limits.{k}") for k, v in limits.items() if k in ("memory", "cpu")
+    }
     cull = data.get("cull-timeout")
     return Template(
         name=tname,
@@ -254,9 +331,12 @@ def parse_template(data: dict[str, Any], *, name: str | None = None) -> Template
         port=_int_field(data, "port", low=1, high=65535) or 8888,
         env=dict(env),
         limits=limits,
+        pids=DEFAULT_PIDS if pids is None else pids,
         cull_timeout_ms=None if cull is None else parse_cull_timeout(cull),
         pool_size=_int_field(data, "pool-size", low=0, high=1000) or 0,
         max_deployments=_int_field(data, "max-deployments", low=1, high=100_000),
+        ready_path=check_relative_path(data.get("ready-path", ""), "ready-path"),
+        activity_path=check_relative_path(data.get("activity-path", ""), "activity-path"),
     )
 
 

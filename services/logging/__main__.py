@@ -7,7 +7,7 @@ import sys
 from loguru import logger
 
 from common.logs import configure_logging
-from common.serve import serve, service_parser, settings_or_exit
+from common.serving.serve import serve, service_parser, settings_or_exit
 from services.logging.app import create_app
 
 

@@ -23,11 +23,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from common.background import Supervisor, repeat
+from common.background import LoopSupervisor, repeat
 from common.errors import BinderError, MalformedRequestError, UnauthorizedError
 from common.settings import Settings
 from common.web import EXCEPTION_HANDLERS, metrics_response, read_body
 from services.logging.ingest import LogFilters, parse_body, parse_filters, to_wire
+from services.logging.quota import AppQuota
 from services.logging.store import LogStore
 from services.logging.tail import Tailer
 
@@ -64,12 +65,16 @@ class Aggregator:
             store=store,
             sink=self.publish,
             skip=skip,
+            quota=AppQuota(
+                lines_per_second=settings.logging.app_lines_per_second,
+                bytes_per_second=settings.logging.app_bytes_per_second,
+            ),
         )
         self.retention_interval = retention_interval
         self.healthy = "unknown"
         self._opened = False
         self._looked = -DB_LOOK_EVERY_SECONDS
-        self._background = Supervisor()
+        self._background = LoopSupervisor()
 
     async def publish(self, records: list[dict[str, Any]]) -> None:
         for filters, queue in list(self.subscribers):
@@ -113,10 +118,16 @@ class Aggregator:
         await repeat(self.apply_retention, every=self.retention_interval, what="retention")
 
     async def apply_retention(self) -> int:
-        cutoff = datetime.now(UTC) - timedelta(days=self.settings.logging.retention_days)
+        """Remove the lines older than ``retention_days``, and the apps' output files nothing
+        was written to for as long, once every line of them is stored; returns lines removed."""
+        kept = timedelta(days=self.settings.logging.retention_days)
+        cutoff = datetime.now(UTC) - kept
         removed = await self.store.delete_before(cutoff)
         if removed:
             logger.info("retention removed {} lines older than {}", removed, cutoff.isoformat())
+        files = await self.tailer.remove_ended_apps(idle_seconds=kept.total_seconds())
+        if files:
+            logger.info("retention removed {} apps' output files, read to their end", files)
         return removed
 
     async def stop(self) -> None:

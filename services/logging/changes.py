@@ -29,6 +29,8 @@ class Changes:
         self._unseen = True
         """True when a change may have gone unseen: every file must be looked at."""
         self._arrived = asyncio.Event()
+        self.noted = 0
+        """Events taken from the kernel so far: a count that moves while files are written."""
 
     def __enter__(self) -> Changes:
         return self
@@ -56,6 +58,7 @@ class Changes:
     async def collect(self) -> None:
         """Take the kernel's events as they come (the event loop wakes only for them)."""
         async for event in self._inotify:
+            self.noted += 1
             self._note(event)
             self._arrived.set()
 

@@ -92,6 +92,10 @@ def read_chunk(*, path: Path, key: str, state: Followed, final: bool) -> Chunk |
 
 
 def line_record(line: bytes, *, path: Path, inode: int, offset: int) -> dict[str, Any]:
+    """One record of one line. An app's line is its text, at level ``info``, with the id its
+    file names: whatever the app prints (a JSON line with a ``level`` or a ``template`` too) is
+    text, never a field of the record. The suite's own programs write JSON lines through loguru,
+    whose level and fields are believed."""
     service, dep, stream = describe(path)
     text = line.decode(errors="replace").rstrip("\r\n")[:MAX_LINE]
     record: dict[str, Any] = {
@@ -103,7 +107,7 @@ def line_record(line: bytes, *, path: Path, inode: int, offset: int) -> dict[str
         "stream": stream,
         "file": path.name,
     }
-    parsed = _json_line(text)
+    parsed = None if dep else _json_line(text)
     if parsed is not None:
         level = str(parsed.get("level", "info")).lower()
         record["level"] = (
@@ -125,6 +129,6 @@ def _json_line(text: str) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or a number too long for int() (over 4,300 digits)
         return None
     return value if isinstance(value, dict) and "message" in value else None

@@ -115,7 +115,7 @@ def parse_body(
     if stripped.startswith("["):
         try:
             items = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or a number of over 4,300 digits
             raise MalformedRequestError(f"body: not a valid JSON array ({exc})") from exc
     else:
         items = []
@@ -124,10 +124,11 @@ def parse_body(
                 continue
             try:
                 items.append(json.loads(line))
-            except json.JSONDecodeError as exc:
+            except ValueError as exc:  # JSONDecodeError, or a number of over 4,300 digits
                 items.append(None)
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else exc
                 refused.append(
-                    {"index": len(items) - 1, "error": f"line {n + 1}: not JSON ({exc.msg})"}
+                    {"index": len(items) - 1, "error": f"line {n + 1}: not JSON ({why})"}
                 )
     if SURROGATE_ESCAPE.search(text):
         items = [mended(item) for item in items]

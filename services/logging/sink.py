@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from common.logs import record_id, record_to_dict
+from common.owned_http import ForeignServerError, hooks
 
 BATCH = 5000
 FLUSH_SECONDS = 0.2
@@ -47,6 +48,8 @@ class AggregatorSink:
         self.dropped = 0
         self.sent = 0
         self._last_answer: Any = None
+        self._refused_server = False
+        """The last attempt found the aggregator's port held by another user."""
         self._thread = threading.Thread(target=self._run, name="log-sink", daemon=True)
         self._thread.start()
 
@@ -106,7 +109,7 @@ class AggregatorSink:
 
     def _run(self) -> None:
         delay = 0.1
-        with httpx.Client(timeout=10.0) as client:
+        with httpx.Client(timeout=10.0, event_hooks=hooks("the logging token")) as client:
             while True:
                 self._arrived.wait()
                 self._wake.wait(FLUSH_SECONDS)
@@ -135,8 +138,14 @@ class AggregatorSink:
                 content=json.dumps(batch, default=str),
                 headers=self._headers,
             )
+        except ForeignServerError as exc:  # kept and sent again once the aggregator is back
+            if not self._refused_server:  # said once, on stderr (loguru would come back here)
+                sys.stderr.write(f"log sink: {exc}\n")
+            self._refused_server = True
+            return None
         except httpx.HTTPError:
             return None
+        self._refused_server = False
         self._last_answer = response
         return response.status_code
 

@@ -252,6 +252,11 @@ class LogStore:
         docs = await _db(self._offsets.find({"_id": {"$in": paths}}).to_list())
         return {d["_id"]: Followed(inode=int(d["inode"]), offset=int(d["offset"])) for d in docs}
 
+    async def forget_offsets(self, paths: list[str]) -> None:
+        """Forget where reading ``paths`` went on (files removed once read)."""
+        if paths:
+            await _db(self._offsets.delete_many({"_id": {"$in": paths}}))
+
     async def set_offsets(self, offsets: dict[str, Followed]) -> None:
         """Record where reading each followed file goes on (one write for all)."""
         if not offsets:

@@ -3,10 +3,7 @@ deploy server per test."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
-import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,10 +47,16 @@ def deploy_factory(
     servers: list[DeployServer] = []
     counter = iter(range(1000))
 
-    def make(db: Database | None = None, **deploy: Any) -> DeployServer:
+    def make(db: Database | None = None, *, front: bool = False, **deploy: Any) -> DeployServer:
+        """A deploy server on the test's proxy; ``front``: the proxy serves its pages too (its
+        default target), as the suite's does."""
         workdir = tmp_path / f"deploy{next(counter)}"
         workdir.mkdir()
         server = DeployServer(workdir, db or database, proxy, **deploy)
+        if front:
+            proxy.stop()
+            proxy.front(server.url)
+            proxy.start()
         # each test its own database name, so records never leak between tests
         server.config.write_text(
             server.config.read_text().replace(
@@ -66,9 +69,7 @@ def deploy_factory(
     yield make
     for server in servers:
         server.stop()
-        for pid in server.app_pids().values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+        server.remove_apps()
 
 
 @pytest.fixture
@@ -98,7 +99,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
 def namespace(kube: tuple[str, Any]) -> Iterator[str]:
     core = client.CoreV1Api(kube[1])
     name = f"binder-test-{secrets.token_hex(4)}"
-    core.create_namespace({"metadata": {"name": name}})
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
 
     wait_for(
         lambda: core.read_namespaced_service_account("default", name),

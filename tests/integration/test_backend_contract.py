@@ -16,14 +16,18 @@ from fakes import FakeBackend
 from harness import EXAMPLE_COMMAND
 
 from services.deploy_kubernetes.backends.base import Backend, LaunchSpec, Observed, State
+from services.deploy_kubernetes.backends.local.sandboxed import SandboxedBackend
 from services.deploy_kubernetes.errors import LaunchError
 from services.deploy_kubernetes.models import Template, new_id
 
-SERVE = "mkdir -p /www{base_url} && echo ok > /www{base_url}index.html && exec httpd -f -p {port} -h /www"
+SERVE = (
+    "mkdir -p /tmp/www{base_url} && echo ok > /tmp/www{base_url}index.html "
+    "&& exec httpd -f -p {port} -h /tmp/www"
+)
 
 
 def _local(tmp: Path) -> tuple[Backend, Template, Template]:
-    from services.deploy_kubernetes.backends.local import LocalBackend
+    from services.deploy_kubernetes.backends.local.backend import LocalBackend
 
     web = Template(
         name="web",
@@ -38,8 +42,19 @@ def _local(tmp: Path) -> tuple[Backend, Template, Template]:
     )
 
 
+def _sandboxed(tmp: Path) -> tuple[Backend, Template, Template]:
+    from common.settings import LocalSettings
+    from services.deploy_kubernetes.backends.local.sandboxed import SandboxedBackend
+
+    _, web, bad = _local(tmp)
+    backend = SandboxedBackend(
+        state_dir=tmp / "state", log_dir=tmp / "logs", settings=LocalSettings(sandbox_slots=2)
+    )
+    return backend, web, bad
+
+
 def _docker(tmp: Path) -> tuple[Backend, Template, Template]:
-    from services.deploy_kubernetes.backends.docker import DockerBackend
+    from services.deploy_kubernetes.backends.docker.backend import DockerBackend
 
     web = Template(
         name="web",
@@ -55,7 +70,7 @@ def _docker(tmp: Path) -> tuple[Backend, Template, Template]:
 
 
 def _kubernetes(tmp: Path) -> tuple[Backend, Template, Template]:
-    from services.deploy_kubernetes.backends.kubernetes import KubernetesBackend
+    from services.deploy_kubernetes.backends.kubernetes.backend import KubernetesBackend
 
     kubeconfig, namespace = _KUBE["kubeconfig"], _KUBE["namespace"]
     # images of scripts/app-images, pulled by the test cluster's node from its registry
@@ -83,6 +98,7 @@ def _fake(tmp: Path) -> tuple[Backend, Template, Template]:
 
 BACKENDS: dict[str, Callable[[Path], tuple[Backend, Template, Template]]] = {
     "local": _local,
+    "sandboxed": _sandboxed,
     "docker": _docker,
     "kubernetes": _kubernetes,
     "fake": _fake,
@@ -122,6 +138,8 @@ def _run(backend: Backend, body: Callable[[list[Observed]], Any]) -> Any:
             for obs in await backend.list():
                 await backend.stop(obs.id, obs.ref)
             await backend.close()
+            if isinstance(backend, SandboxedBackend):
+                assert await backend.retire()  # nothing of its sandboxes is left on the host
 
     return anyio.run(main)
 
@@ -130,7 +148,7 @@ def test_launch_ready_list_stop(kit: tuple[str, Backend, Template, Template]) ->
     name, backend, web, _ = kit
 
     async def body(events: list[Observed]) -> None:
-        spec = LaunchSpec(new_id(), web)
+        spec = LaunchSpec(id=new_id(), template=web)
         started = await backend.launch(spec)
         assert started.state is State.STARTING
         assert spec.id in {o.id for o in await backend.list()}
@@ -155,7 +173,7 @@ def test_app_that_exits_fails_with_its_exit_code(
         backend.fail_with = "process exited with code 3"  # type: ignore[attr-defined]
 
     async def body(events: list[Observed]) -> None:
-        spec = LaunchSpec(new_id(), bad)
+        spec = LaunchSpec(id=new_id(), template=bad)
         reason = ""
         try:  # the exit is seen at launch, while waiting, or (ready first) told to notify
             started = await backend.launch(spec)
@@ -175,7 +193,7 @@ def test_app_that_exits_fails_with_its_exit_code(
 def test_local_apps_never_share_a_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel may hand the same free port to two launches in a row (it picks at random):
     the second app is given another one, not the port the first is about to listen on."""
-    from services.deploy_kubernetes.backends import local
+    from services.deploy_kubernetes.backends.local import backend as local
 
     backend, web, _ = _local(tmp_path)
     handed: list[int] = []
@@ -189,13 +207,14 @@ def test_local_apps_never_share_a_port(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(local, "_free_port", twice)
 
     async def body(events: list[Observed]) -> None:
-        specs = [LaunchSpec(new_id(), web) for _ in range(2)]
+        specs = [LaunchSpec(id=new_id(), template=web) for _ in range(2)]
         started = [await backend.launch(spec) for spec in specs]
         assert handed[0] == handed[1]  # the kernel's repeat happened
         assert started[0].target != started[1].target
         deadline = time.monotonic() + 60
         for spec, obs in zip(specs, started, strict=True):
             ready = await backend.wait_ready(spec, obs, deadline=deadline)
+            assert ready.target is not None
             async with httpx.AsyncClient() as client:
                 assert (await client.get(ready.target + spec.base_url)).status_code == 200
 

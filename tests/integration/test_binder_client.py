@@ -7,6 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import httpx
 from harness import ROOT, DeployServer, Proxy
 
 NODE_MODULES = ROOT / ".node" / "node_modules"
@@ -88,3 +89,24 @@ def test_cli_deploy_and_status(deploy: DeployServer, tmp_path: Path) -> None:
     )
     assert preload.returncode == 0, preload.stderr
     assert "completed" in preload.stdout
+
+
+def _binder(*args: str, cwd: Path) -> str:
+    """What the ``binder`` CLI printed (it says errors on stderr and exits 0)."""
+    done = subprocess.run([str(BINDER), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+    return done.stdout + done.stderr
+
+
+def test_cli_names_an_unknown_template_with_its_own_error(
+    deploy: DeployServer, tmp_path: Path
+) -> None:
+    common = ["-h", "127.0.0.1", "-p", str(deploy.port), "-a", deploy.api_key]
+    for args in (["deploy", "nope", "600000"], ["preload", "nope"]):
+        said = _binder("deploy", *args, *common, cwd=tmp_path)
+        assert "unidentifiable" not in said, said
+        assert "Error: no template named nope" in said, said  # the server's message, kept
+        assert "Possible fix" in said, said  # the client's own advice for the error it knows
+    # any other client gets the contract's name, with the same status and message
+    answer = httpx.post(f"{deploy.url}/applications/", json={"template-name": "nope"})
+    assert answer.status_code == 404
+    assert answer.json() == {"type": "noTemplate", "error": "no template named nope"}

@@ -3,10 +3,12 @@ another address still launches, the API key is exempt, and the counts survive a 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 
 import httpx
-from harness import DeployServer
+from harness import DeployServer, Proxy
 
 
 def _client(source: str) -> httpx.Client:
@@ -29,7 +31,7 @@ def test_one_client_at_its_deployments_limit_gets_429_while_others_launch(
     deploy_factory: Callable[..., DeployServer],
 ) -> None:
     deploy = deploy_factory(per_client_max_deployments=2).start()
-    with _client("127.0.0.1") as one, _client("127.0.0.2") as two:
+    with _client("127.0.0.5") as one, _client("127.0.0.2") as two:
         first = [_launch(one, deploy) for _ in range(2)]
         assert [r.status_code for r in first] == [200, 200]
         refused = _launch(one, deploy, **{"X-Forwarded-For": "203.0.113.9"})  # not believed
@@ -88,3 +90,51 @@ def test_concurrent_launches_of_one_client_never_exceed_its_limit(
     with _client("127.0.0.4") as one, ThreadPoolExecutor(max_workers=12) as pool:
         codes = sorted(pool.map(lambda _: _launch(one, deploy).status_code, range(12)))
     assert codes == [200] * 3 + [429] * 9
+
+
+def test_users_through_the_suites_proxy_are_counted_each_by_their_own_address(
+    deploy_factory: Callable[..., DeployServer], proxy: Proxy
+) -> None:
+    """The proxy fronts the deploy server for every public user: each is its own client there
+    (the proxy's X-Forwarded-For is believed), and what a user writes into that header does
+    not make it another."""
+    deploy = deploy_factory(per_client_max_deployments=1, front=True).start()
+    launch = f"http://127.0.0.1:{proxy.port}/applications/example"
+    with _client("127.0.0.2") as one, _client("127.0.0.3") as two:
+        assert one.post(launch).status_code == 200
+        refused = one.post(launch, headers={"X-Forwarded-For": "203.0.113.9"})
+        assert refused.status_code == 429, refused.text
+        assert "per_client_max_deployments" in refused.json()["error"]
+        assert two.post(launch).status_code == 200  # not the proxy's one address for all
+    assert _metric(deploy, "binder_clients_with_deployments") == 2
+
+
+def test_another_user_on_loopback_is_not_taken_for_the_suites_proxy(
+    deploy_factory: Callable[..., DeployServer],
+) -> None:
+    """A program of another user of the host, from 127.0.0.1 as the proxy connects, with an
+    X-Forwarded-For of its choosing: it is counted by its own address, the header ignored."""
+    deploy = deploy_factory(per_client_max_deployments=1).start()
+    program = (
+        "import httpx, sys\n"
+        "for n in range(2):\n"
+        "    r = httpx.post(sys.argv[1], headers={'X-Forwarded-For': f'203.0.113.{n}'})\n"
+        "    print(r.status_code)\n"
+    )
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            program,
+            f"{deploy.url}/applications/example",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.split() == ["200", "429"], done.stdout + done.stderr

@@ -21,6 +21,7 @@ import pytest
 from harness import free_port, port_open, wait_for
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure
+from squatter import NOBODY, Squatter
 
 from common.processes import alive
 
@@ -239,21 +240,31 @@ def test_logs_refuses_unknown_services_and_id_prefixes(control: Control) -> None
 def test_launch_through_the_suite(control: Control) -> None:
     dep_id = control.launch()
     assert control.through_proxy(dep_id) == 200
-    logs = control.run("logs", "--app", dep_id[:10], "--json", check=True).stdout.splitlines()
-    services = {json.loads(line)["service"] for line in logs}
-    assert {"deploy-kubernetes", "app"} <= services, services
-    assert {json.loads(line)["id"] for line in logs} == {dep_id}
+
+    def logs() -> list[dict[str, Any]]:
+        out = control.run("logs", "--app", dep_id[:10], "--json", check=True).stdout
+        return [json.loads(line) for line in out.splitlines()]
+
+    # the app's own lines arrive once its writes pause (the aggregator reads them together)
+    wait_for(
+        lambda: {"deploy-kubernetes", "app"} <= {r["service"] for r in logs()},
+        timeout=30,
+        what="the server's and the app's lines about the deployment",
+    )
+    assert {r["id"] for r in logs()} == {dep_id}
 
 
-def test_proxy_logs_a_missing_route_but_not_each_api_request(control: Control) -> None:
+def test_proxy_fronts_the_pages_and_logs_no_line_per_api_request(control: Control) -> None:
     control.launch()
+    public = f"http://127.0.0.1:{control.ports['proxy']}"
+    # what no app's route takes is the deploy server's: its pages, and the page of a session
+    # that is not (or no longer) there
+    assert "Launch an app" in httpx.get(public + "/", timeout=5).text
+    gone = httpx.get(f"{public}/user/{'0' * 32}/lab", timeout=5)
+    assert gone.status_code == 404
+    assert "No such session" in gone.text
     assert control.through_proxy("0" * 32) == 404
     log = control.home / "logs" / "proxy.out.log"
-    wait_for(
-        lambda: f"404 GET /user/{'0' * 32}/" in log.read_text(),
-        timeout=10,
-        what="the proxy's line for the missing route",
-    )
     # no line per API request (the keeper's look at its sentinel route is one a round); only a
     # sentinel found missing, when the proxy has started afresh, is worth its warning line
     lines = [line for line in log.read_text().splitlines() if "/api/routes" in line]
@@ -286,7 +297,7 @@ def test_secrets_appear_in_no_command_line_config_or_log(control: Control) -> No
 
 
 def test_internal_services_refuse_clients_without_credentials(control: Control) -> None:
-    anonymous = MongoClient(
+    anonymous: MongoClient[dict[str, Any]] = MongoClient(
         f"mongodb://127.0.0.1:{control.ports['db']}/?directConnection=true",
         serverSelectionTimeoutMS=5000,
     )
@@ -295,11 +306,11 @@ def test_internal_services_refuse_clients_without_credentials(control: Control) 
     uri = control.secrets()["BINDER_DB_URI"]
     wrong = uri.replace((control.home / "db-password").read_text().strip(), "0" * 48)
     with (
-        MongoClient(wrong, serverSelectionTimeoutMS=5000) as client,
+        MongoClient[dict[str, Any]](wrong, serverSelectionTimeoutMS=5000) as client,
         pytest.raises(OperationFailure, match="uthentication failed"),
     ):
         client["binder"].list_collection_names()
-    with MongoClient(uri, serverSelectionTimeoutMS=5000) as client:
+    with MongoClient[dict[str, Any]](uri, serverSelectionTimeoutMS=5000) as client:
         assert "deployments" in client["binder"].list_collection_names()
     logs = f"http://127.0.0.1:{control.ports['logging']}/logs"
     assert httpx.get(logs, timeout=5).status_code == 403
@@ -515,3 +526,36 @@ def test_global_options_go_before_or_after_the_command(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert "max_deployments = 9" in result.stdout
     assert not c.home.exists(), "a read-only command wrote to the home"
+
+
+def test_a_squatted_proxy_port_at_start_gets_nothing_and_the_proxy_comes_back(
+    tmp_path: Path,
+) -> None:
+    c = Control(tmp_path / "home", tmp_path / "binder.toml")
+    c.run("start-all", "--config", str(c.config), check=True)
+    try:
+        dep_id = c.launch()
+        token = c.secrets()["CONFIGPROXY_AUTH_TOKEN"].encode()
+        c.run("proxy", "stop", check=True)
+        with Squatter(c.ports["proxy_api"]) as squatter:
+            started = c.run("proxy", "start")
+            assert started.returncode == 1
+            assert f"user {NOBODY}" in started.stderr, started.stderr
+            err_log = c.home / "logs" / "proxy.err.log"
+            wait_for(
+                lambda: f"is taken by user {NOBODY}" in err_log.read_text(),
+                what="the proxy's log to say who holds its port",
+            )
+            wait_for(
+                lambda: f"user {NOBODY}" in httpx.get(f"{c.deploy_url}/health").json()["proxy"],
+                what="the deploy server's keeper to refuse the squatted port",
+            )
+            wait_for(  # waiting for its port, not FATAL or STOPPED
+                lambda: c.status()["proxy"]["state"] == "RUNNING", what="the proxy RUNNING"
+            )
+            assert not c.status()["proxy"]["ready"]
+            assert token not in squatter.received()
+        wait_for(lambda: c.status()["proxy"]["ready"], timeout=30, what="the proxy ready again")
+        wait_for(lambda: c.through_proxy(dep_id) == 200, timeout=20, what="the route back")
+    finally:
+        c.run("stop-all")

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 from harness import EXAMPLE_COMMAND, DeployServer, Proxy, wait_for
@@ -50,8 +55,8 @@ def test_idle_app_is_culled_while_busy_one_survives(
     deploy_factory: Callable[..., DeployServer], proxy: Proxy
 ) -> None:
     deploy = deploy_factory(cull_interval_seconds=0.5).start()
-    busy = deploy.launch(**{"cull-timeout": 3000})
-    idle = deploy.launch(**{"cull-timeout": 3000})
+    busy = deploy.launch("example", **{"cull-timeout": 3000})
+    idle = deploy.launch("example", **{"cull-timeout": 3000})
     for dep_id in (busy, idle):
         deploy.wait_status(dep_id, "deployed")
     deadline = time.monotonic() + 20
@@ -133,12 +138,9 @@ def test_deployed_apps_survive_a_server_restart(deploy: DeployServer, proxy: Pro
 
 
 def test_app_that_dies_is_marked_failed_with_its_exit(deploy: DeployServer) -> None:
-    import os
-    import signal
-
     dep_id = deploy.launch()
     deploy.wait_status(dep_id, "deployed")
-    os.killpg(deploy.app_pids()[dep_id], signal.SIGKILL)
+    deploy.kill_app(dep_id)
     info = deploy.wait_status(dep_id, "failed", timeout=15)
     assert "SIGKILL" in info["reason"]
 
@@ -184,14 +186,39 @@ def test_a_client_leaving_the_events_stream_is_no_error(deploy: DeployServer) ->
     assert '"level": "error"' not in (deploy.workdir / "deploy.log").read_text()
 
 
-def test_failed_command_reports_exit_code(deploy: DeployServer) -> None:
-    template = {"command": ["/bin/sh", "-c", "echo broken >&2; exit 3"]}
+def test_failed_command_reports_exit_code_and_its_last_lines(deploy: DeployServer) -> None:
+    template = {"command": ["/bin/sh", "-c", "echo starting; echo broken >&2; exit 3"]}
     put = httpx.put(f"{deploy.url}/templates/broken", json=template, headers=deploy.auth)
     assert put.status_code == 200, put.text
     dep_id = deploy.launch("broken")
     info = deploy.wait_status(dep_id, "failed", "deployed", template="broken")
     assert info["status"] == "failed"
-    assert info["reason"] == "process exited with code 3"
+    assert info["reason"] == "process exited with code 3; last output lines: starting | broken"
+
+
+def test_a_command_the_apps_user_cannot_run_says_so(deploy: DeployServer) -> None:
+    """A program under a folder only root may enter (an interpreter in root's home, say): the
+    reason has the exit code and the line that says why. The folder is in the checkout, which
+    the sandbox shows read-only, not under ``/tmp``, of which an app sees a private one."""
+    assert os.geteuid() == 0, "needs root: apps run as a user of their own only then"
+    private = Path(tempfile.mkdtemp(prefix="private-", dir=Path(__file__).parents[1]))
+    try:
+        private.chmod(0o700)
+        program = private / "app"
+        program.write_text("#!/bin/sh\necho never\n")
+        program.chmod(0o755)
+        put = httpx.put(
+            f"{deploy.url}/templates/private", json={"command": [str(program)]}, headers=deploy.auth
+        )
+        assert put.status_code == 200, put.text
+        info = deploy.wait_status(
+            deploy.launch("private"), "failed", "deployed", template="private"
+        )
+        # 126 from a shell; 1 from the sandbox's exec, whose line names the program all the same
+        assert re.match(r"process exited with code (126|1); last output lines: ", info["reason"])
+        assert f"{program}: Permission denied" in info["reason"]
+    finally:
+        shutil.rmtree(private)
 
 
 def test_slow_app_is_deployed_and_its_log_gets_no_line_per_probe(

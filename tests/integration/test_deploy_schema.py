@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from harness import DeployServer
+from harness import ROOT, DeployServer, wait_for
 
 CHECKS = ",".join(
     [
@@ -37,9 +39,32 @@ def test_openapi_document_describes_every_route(deploy: DeployServer) -> None:
     } <= paths
 
 
+def test_health_schema_describes_every_field_health_answers(deploy: DeployServer) -> None:
+    schema = httpx.get(f"{deploy.url}/openapi.json").json()["components"]["schemas"]["Health"]
+    wait_for(lambda: httpx.get(f"{deploy.url}/health").status_code == 200, what="ready")
+    answer = httpx.get(f"{deploy.url}/health").json()
+    assert set(schema["required"]) <= set(answer)
+    loops = schema.get("additionalProperties")  # the loops' fields, loop:<name>
+    for field, value in answer.items():
+        described = schema["properties"].get(field) or (
+            loops if field.startswith("loop:") else None
+        )
+        assert isinstance(described, dict), f"/health answers {field!r}, its schema lacks it"
+        assert described["type"] == "string", field
+        assert isinstance(value, str), field
+        assert value in described.get("enum", [value]), field
+    assert any(field.startswith("loop:") for field in answer)  # the loops' fields are checked
+
+
 def test_schemathesis_finds_no_server_error_or_schema_break(
-    deploy: DeployServer, tmp_path: Path
+    deploy_factory: Callable[..., DeployServer], tmp_path: Path
 ) -> None:
+    # the example template alone: the fuzzer launches every template it finds, dozens of times,
+    # and as many JupyterLabs starting at once would starve two cores (its answers then time out)
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    shutil.copy(ROOT / "configs" / "templates" / "example.toml", templates)
+    deploy = deploy_factory(templates_dir=str(templates)).start()
     st = Path(sys.executable).parent / "st"
     result = subprocess.run(
         [

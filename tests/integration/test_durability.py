@@ -1,19 +1,18 @@
 """Nothing acknowledged is lost: kill -9 of the database and of the deploy server, a crash in
-the window between an app's spawn and its pid file, an app dying while the database is frozen.
+the window between an app's start and the launch's return, an app dying while the database is
+frozen.
 All against the real database server, proxy, deploy server and app processes."""
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Callable
 
 import httpx
 import pytest
 from harness import Database, DeployServer, Proxy, wait_for
 
-from common.processes import alive, session_leaders_with
-from services.deploy_kubernetes.backends.local import suite_label
+from common.processes import alive
+from services.deploy_kubernetes.__main__ import FAULT_RECORD_DELAY
 
 pytestmark = pytest.mark.integration
 
@@ -27,9 +26,9 @@ def _delete(deploy: DeployServer, dep_id: str) -> dict[str, object]:
     return data
 
 
-def _processes(dep_id: str) -> list[int]:
-    """Session leaders (apps) running for ``dep_id``, found by their environment."""
-    return list(session_leaders_with("BINDER_ID", dep_id))
+def _processes(deploy: DeployServer, dep_id: str) -> list[int]:
+    """The processes of ``dep_id``'s app (its sandbox's cgroup, the kernel's view)."""
+    return deploy.app_processes(dep_id)
 
 
 def test_acknowledged_states_survive_kill9_of_database_then_deploy_server(
@@ -54,34 +53,36 @@ def test_acknowledged_states_survive_kill9_of_database_then_deploy_server(
         acknowledged[late] = str(info["status"])
         for dep_id, status in acknowledged.items():
             assert deploy.status(dep_id)["status"] == status, dep_id
+    shims = deploy.app_pids()  # one sandbox per running app
     for dep_id, status in acknowledged.items():
-        running = _processes(dep_id)
+        running = _processes(deploy, dep_id)
         if status == "deployed":
-            assert len(running) == 1, dep_id
+            assert running, dep_id
+            assert shims[dep_id] in running
             assert proxy.get(f"/user/{dep_id}/").status_code == 200
         else:
             assert running == [], dep_id
             assert f"/user/{dep_id}" not in proxy.routes()
 
 
-def test_crash_between_spawn_and_pid_file_leaves_one_process_per_id(
+def test_crash_right_after_the_launch_request_leaves_one_app_per_id(
     deploy_factory: Callable[..., DeployServer], proxy: Proxy
 ) -> None:
-    deploy = deploy_factory(fault_record_delay_seconds=5.0).start()
+    # the entry point's fault-injection hook: a pause once the app runs, before the launch
+    # returns to the engine (which then has not recorded where the app is)
+    deploy = deploy_factory(environ={FAULT_RECORD_DELAY: "5"}).start()
     dep_id = deploy.launch()
-    wait_for(lambda: _processes(dep_id), timeout=10, what="the app to be spawned")
-    assert dep_id not in deploy.app_pids(), "the window is open: no pid file yet"
+    wait_for(lambda: len(_processes(deploy, dep_id)) > 1, timeout=10, what="the app to start")
     deploy.kill9()
     deploy.start()
     info = deploy.wait_status(dep_id, "deployed", timeout=30)
     assert info["status"] == "deployed"
-    assert len(_processes(dep_id)) == 1
+    assert set(deploy.app_pids()) == {dep_id}  # one sandbox, found by its cgroup
     assert proxy.get(f"/user/{dep_id}/").status_code == 200
-    assert deploy.app_pids()[dep_id] == _processes(dep_id)[0]
-    # and the found app is watched: when it dies, its record says so
-    os.killpg(_processes(dep_id)[0], signal.SIGKILL)
+    # and the found app is watched: when it dies, its record says how
+    deploy.kill_app(dep_id)
     failed = deploy.wait_status(dep_id, "failed", timeout=15)
-    assert "process ended" in str(failed["reason"])
+    assert "SIGKILL" in str(failed["reason"])
 
 
 def test_app_dying_while_database_is_frozen_ends_failed_once_it_is_back(
@@ -93,7 +94,7 @@ def test_app_dying_while_database_is_frozen_ends_failed_once_it_is_back(
     pid = deploy.app_pids()[dep_id]
     own_db.freeze()
     try:
-        os.killpg(pid, signal.SIGKILL)
+        deploy.kill_app(dep_id)
         wait_for(lambda: not alive(pid), timeout=5, what="the app to die")
         # readiness follows the database: not ready while it does not answer
         wait_for(
@@ -125,9 +126,9 @@ def test_apps_of_an_earlier_server_are_watched_until_they_end(
     deploy.kill9()
     deploy.start()  # the apps are no children of this server
     assert _delete(deploy, deleted)["status"] == "deleted"
-    os.killpg(deploy.app_pids()[dying], signal.SIGKILL)
+    deploy.kill_app(dying)
     failed = deploy.wait_status(dying, "failed", timeout=10)
-    assert "process ended" in str(failed["reason"])
+    assert "SIGKILL" in str(failed["reason"])  # the shim's status tells, whoever started it
     assert deploy.status(deleted)["status"] == "deleted", "a stop is no failure"
 
 
@@ -139,18 +140,13 @@ def test_a_launch_whose_record_cannot_be_written_answers_503_and_leaves_no_app(
     deploy.wait_status(deploy.launch(), "deployed", timeout=30)  # one app the suite keeps
     kept = set(deploy.app_pids())
     own_db.freeze()
-    try:
-        answer = httpx.post(f"{deploy.url}/applications/example", timeout=30)
+    try:  # with the key: no launch window is hit first (it would wait on the database too)
+        answer = httpx.post(f"{deploy.url}/applications/example", headers=deploy.auth, timeout=30)
     finally:
         own_db.thaw()
     assert answer.status_code == 503, answer.text
     assert answer.json()["type"] == "badDatabase"
     log = (deploy.workdir / "deploy.log").read_text()
-    spawned = [line for line in log.splitlines() if "started pid" in line]
+    spawned = [line for line in log.splitlines() if "started in slot" in line]
     assert len(spawned) == 2  # the failed launch did start its app ...
-    label = suite_label(deploy.home / "run" / "local")
-
-    def running() -> set[str]:
-        return {env["BINDER_ID"] for env in session_leaders_with("BINDER_SUITE", label).values()}
-
-    wait_for(lambda: running() == kept, timeout=10, what="no app left of the failed launch")
+    wait_for(lambda: set(deploy.app_pids()) == kept, timeout=10, what="no app left of it")

@@ -124,3 +124,36 @@ def test_deep_json_is_a_422(body: bytes, edged: DeployServer, aggregator: Loggin
         f"{aggregator.url}/logs", content=body, headers=aggregator.auth, timeout=QUICK
     )
     assert logs.status_code == 422, logs.text
+
+
+HUGE_NUMBER = b"1" * 40_000
+"""Longer than Python's int-from-string limit (4,300 digits): ``json.loads`` raises ValueError,
+not the JSONDecodeError of a malformed body."""
+
+
+def test_a_number_of_40000_digits_is_a_422_at_every_json_reader(
+    edged: DeployServer, aggregator: LoggingServer
+) -> None:
+    json_headers = {"Content-Type": "application/json"}
+    for method, path, body, extra in [
+        ("POST", "/applications/example", b'{"cull-timeout": %s}', {}),
+        ("POST", "/applications/", b'{"template-name": "example", "cull-timeout": %s}', {}),
+        ("PUT", "/templates/big", b'{"command": ["true"], "port": %s}', edged.auth),
+        ("PUT", "/pools/example", b'{"size": %s}', edged.auth),
+    ]:  # the console's bodies are bounded at 4 KiB, below the int limit: 413 before parsing
+        response = httpx.request(
+            method,
+            edged.url + path,
+            content=body % HUGE_NUMBER,
+            headers={**json_headers, **extra},
+            timeout=QUICK,
+        )
+        assert response.status_code == 422, (path, response.text)
+        assert response.json()["type"] == "malformedRequest"
+    record = b'{"service": "s", "message": "m", "n": %s}' % HUGE_NUMBER
+    for body in (b"[" + record + b"]", record + b"\n"):
+        logs = httpx.post(
+            f"{aggregator.url}/logs", content=body, headers=aggregator.auth, timeout=QUICK
+        )
+        assert logs.status_code == 422, logs.text
+        assert logs.json()["type"] == "malformedRequest"

@@ -9,12 +9,14 @@ import json
 import secrets
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from harness import EXAMPLE_COMMAND, ROOT, DeployServer, Proxy, wait_for
+from harness import EXAMPLE_COMMAND, ROOT, DeployServer, Proxy, port_open, wait_for
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 TESTENV = str(ROOT / "scripts" / "kube-testenv")
 TEMPLATE = {
@@ -72,6 +74,20 @@ def _pod_events(kube: tuple[str, Any], namespace: str, dep_id: str) -> list[str]
         namespace, field_selector=f"involvedObject.name=binder-{dep_id}"
     )
     return [f"{e.reason}: {e.message}" for e in events.items]
+
+
+def _process_status(dep_id: str) -> dict[str, str]:
+    """``/proc/<pid>/status`` of the app's process, as this host (the test node) sees it: the one
+    whose environment names the deployment (no user namespace: its ids are the host's)."""
+    wanted = f"BINDER_ID={dep_id}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and wanted in (proc / "environ").read_bytes().split(b"\0"):
+                text = (proc / "status").read_text()
+                return {k: v.strip() for k, v in (line.split(":", 1) for line in text.splitlines())}
+        except OSError:  # gone meanwhile, or a kernel thread's
+            continue
+    raise AssertionError(f"no process of {dep_id} on this host")
 
 
 def _fresh_image(base: str) -> str:
@@ -160,8 +176,65 @@ def test_app_that_never_becomes_ready_times_out(
     dep_id = server.launch("unready")
     info = server.wait_status(dep_id, "failed", "deployed", timeout=60, template="unready")
     assert info["status"] == "failed"
-    assert info["reason"].startswith("timed out after 8 s")
+    # the server's own probe's reason: the kubelet's readiness probe is not what it waits for
+    assert info["reason"].startswith(
+        "timed out after 8 s waiting for the app to listen on port 8888; last output lines: "
+    )
+    assert "up, but not listening" in info["reason"]  # the app's own words, from its pod
     wait_for(lambda: not _pods(kube, namespace), timeout=30, what="the pod to be removed")
+
+
+def test_a_pod_whose_app_does_not_listen_yet_stays_deploying(
+    kube_deploy: DeployServer, kube: tuple[str, Any], namespace: str
+) -> None:
+    """The container runs (the watch tells the server so, with the pod's IP) seconds before the
+    app listens: the launch is deployed once the app answers the server's probe, not before."""
+    _put(kube_deploy, "slow", command=[*EXAMPLE_COMMAND, "--delay", "8"])
+    dep_id = kube_deploy.launch("slow")
+    core = client.CoreV1Api(kube[1])
+
+    def running() -> tuple[str, bool] | None:
+        """Once the container runs: the launch's status, then whether the app listens."""
+        pod = core.read_namespaced_pod(f"binder-{dep_id}", namespace).status
+        if pod is None or not pod.pod_ip:
+            return None
+        (state,) = [c.state for c in pod.container_statuses or []] or [None]
+        if state is None or not state.running:
+            return None
+        status = kube_deploy.status(dep_id, "slow")["status"]
+        return status, port_open(8888, pod.pod_ip)
+
+    seen = wait_for(
+        running,
+        timeout=60,
+        interval=0.02,
+        what="the pod's container to run",
+        ignore=(ApiException,),  # the pod's creation may not have landed yet
+    )
+    assert seen == ("deploying", False)
+    info = kube_deploy.wait_status(dep_id, "deployed", "failed", timeout=60, template="slow")
+    assert info["status"] == "deployed", info
+    (pod,) = _pods(kube, namespace)
+    answer = httpx.get(f"http://{pod.status.pod_ip}:8888/user/{dep_id}/", timeout=5)
+    assert answer.status_code == 200
+
+
+def test_apps_run_unprivileged_under_the_default_seccomp_profile(
+    kube_deploy: DeployServer, proxy: Proxy
+) -> None:
+    """What the app's process is, as the kernel sees it: not root, no capability, no way to gain
+    one, and filtered system calls; the shipped example's image still serves so."""
+    dep_id = kube_deploy.launch("example")
+    info = kube_deploy.wait_status(dep_id, "deployed", "failed", timeout=90)
+    assert info["status"] == "deployed", info
+    assert proxy.get(f"/user/{dep_id}/").status_code == 200
+    fields = _process_status(dep_id)
+    assert fields["Uid"].split() == ["1000"] * 4
+    assert fields["Gid"].split() == ["1000"] * 4
+    assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == 0
+    assert int(fields["CapBnd"], 16) == 0
+    assert fields["NoNewPrivs"] == "1"
+    assert fields["Seccomp"] == "2"  # a filter
 
 
 def test_preload_pulls_on_the_node_then_a_launch_pulls_nothing(
@@ -204,6 +277,7 @@ def test_preload_of_a_missing_image_fails(kube_deploy: DeployServer) -> None:
         timeout=60,
         what="the preload to fail",
     )
+    assert answer.status_code == 502, answer.text
     assert answer.json()["type"] == "launchFailed"
     assert "binder-test/never-pushed:1" in answer.json()["error"]
 
@@ -229,7 +303,7 @@ def test_events_stream_shows_the_pods_progress(kube_deploy: DeployServer) -> Non
                         break
     assert statuses[-1] == "deployed", (statuses, progress)
     reasons = [m.split(":", 1)[0] for m in progress]
-    for step in ("Scheduled", "Pulling", "Pulled", "Started", "Ready"):
+    for step in ("Scheduled", "Pulling", "Pulled", "Started"):
         assert step in reasons, progress
     assert reasons.index("Pulling") < reasons.index("Pulled") < reasons.index("Started")
 
@@ -288,7 +362,7 @@ def test_server_restart_mid_launch_leaves_no_orphan_pod(
 ) -> None:
     ids = [kube_deploy.launch("nb") for _ in range(4)]
     kube_deploy.kill9()
-    orphan = {
+    orphan: Any = {  # a manifest as a dict, which the client takes
         "metadata": {
             "name": "binder-" + "e" * 32,
             "labels": {"binder.suite": "binder", "binder.id": "e" * 32, "binder.template": "nb"},

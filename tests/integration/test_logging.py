@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -213,6 +214,25 @@ def test_retention_removes_old_lines(logging_factory: Callable[..., LoggingServe
     )
 
 
+def test_an_ended_apps_output_file_is_removed_once_read_to_its_end(
+    logging_factory: Callable[..., LoggingServer],
+) -> None:
+    logs = logging_factory(start=False, retention_days=1, retention_check_seconds=0.5)
+    apps = logs.home / "logs" / "apps"
+    ended, running = (secrets.token_hex(16) for _ in range(2))
+    # written while no aggregator ran: nothing of it was read, and its last line has no end
+    (apps / f"{ended}.log").write_text("started\nlistening\nkilled before the newl")
+    (apps / f"{running}.log").write_text("serving\n")
+    two_days_ago = (datetime.now(UTC) - timedelta(days=2)).timestamp()
+    os.utime(apps / f"{ended}.log", (two_days_ago, two_days_ago))
+    logs.start()
+    wait_for(lambda: not (apps / f"{ended}.log").exists(), timeout=20, what="the file removed")
+    lines = [r["message"] for r in logs.all(app=ended, order="oldest")]
+    assert lines == ["started", "listening", "killed before the newl"]  # none lost
+    wait_for(lambda: len(logs.all(app=running)) == 1, timeout=20, what="the running app's line")
+    assert (apps / f"{running}.log").exists()  # written to within retention_days: kept
+
+
 def test_program_output_followed_through_rotation(
     logging_factory: Callable[..., LoggingServer],
 ) -> None:
@@ -318,7 +338,7 @@ def test_many_app_files_written_at_once_cost_a_few_database_writes(
     logs = logging_factory(db=own_db)
     apps = logs.home / "logs" / "apps"
     expected = {f"app{n:02}": sorted(f"app{n:02} line {i}" for i in range(3)) for n in range(20)}
-    with MongoClient(own_db.uri, serverSelectionTimeoutMS=5000) as client:
+    with MongoClient[dict[str, Any]](own_db.uri, serverSelectionTimeoutMS=5000) as client:
         offsets = client[logs.database]["log_offsets"]
         before = _writes(client)
         for app, lines in expected.items():
@@ -370,12 +390,13 @@ def test_a_chunk_stored_without_its_offset_is_not_stored_again(
 def test_a_file_longer_than_a_chunk_is_stored_whole_along_with_the_others(
     logging_factory: Callable[..., LoggingServer], database: Database
 ) -> None:
-    logs = logging_factory()
+    # an app's share of the aggregator above the file's lines: the chunks are what is checked
+    logs = logging_factory(app_lines_per_second=10**6, app_bytes_per_second=10**9)
     apps = logs.home / "logs" / "apps"
     lines = MAX_LINES * 2 + 5
     (apps / "long.log").write_text("".join(f"l{n}\n" for n in range(lines)))
     (apps / "short.log").write_text("s\n")
-    with MongoClient(database.uri, serverSelectionTimeoutMS=5000) as client:
+    with MongoClient[dict[str, Any]](database.uri, serverSelectionTimeoutMS=5000) as client:
         db = client[logs.database]
 
         def both_offsets() -> dict[str, int] | None:
@@ -396,16 +417,19 @@ def test_a_file_longer_than_a_chunk_is_stored_whole_along_with_the_others(
 def test_a_line_no_document_can_hold_stops_nothing(
     logging_factory: Callable[..., LoggingServer],
 ) -> None:
-    """A JSON line whose escapes make a lone surrogate (which BSON cannot encode) is stored
-    mended, and the files read with it in the same round are stored too."""
+    """A JSON line of a program's log whose escapes make a lone surrogate (which BSON cannot
+    encode) is stored mended, and the files read with it in the same round are stored too. (An
+    app's lines are never parsed: its escapes stay text.)"""
     logs = logging_factory()
-    apps = logs.home / "logs" / "apps"
-    (apps / "hostile.log").write_text('{"message": "x \\ud800 y"}\nafter\n')
-    (apps / "beside.log").write_text("beside\n")
-    wait_for(lambda: len(logs.all(service="app")) == 3, timeout=15, what="all three lines")
-    messages = _messages_by_app(logs)
-    assert messages["beside"] == ["beside"]
-    assert messages["hostile"] == ["after", "x ? y"]
+    (logs.home / "logs" / "hostile.out.log").write_text('{"message": "x \\ud800 y"}\nafter\n')
+    (logs.home / "logs" / "apps" / "beside.log").write_text("beside\n")
+    wait_for(
+        lambda: len(logs.all(service="hostile")) == 2 and len(logs.all(service="app")) == 1,
+        timeout=15,
+        what="all three lines",
+    )
+    assert sorted(r["message"] for r in logs.all(service="hostile")) == ["after", "x ? y"]
+    assert _messages_by_app(logs) == {"beside": ["beside"]}
 
 
 def test_a_round_is_bounded_and_the_next_goes_on_at_once(
@@ -440,3 +464,35 @@ def test_a_round_is_bounded_and_the_next_goes_on_at_once(
     assert counts[0] == 20  # two passes of ten lines
     assert sum(counts) == 95
     assert [r["message"] for r in fed] == [f"line {n}" for n in range(95)]
+
+
+def test_a_frozen_database_delays_lines_without_losing_or_doubling_any(
+    logging_factory: Callable[..., LoggingServer], own_db: Database
+) -> None:
+    """While the database does not answer, the lines wait in their files; once it answers,
+    each is stored once, and the aggregator says so in its log instead of crashing a loop."""
+    logs = logging_factory(db=own_db)
+    path = logs.home / "logs" / "worker.out.log"
+    with path.open("a") as fh:
+        fh.write("before\n")
+    wait_for(lambda: len(logs.all(service="worker")) == 1, timeout=15, what="the first line")
+    own_db.freeze()
+    try:
+        with path.open("a") as fh:
+            fh.write("".join(f"during {n}\n" for n in range(50)))
+        wait_for(
+            lambda: "storing log lines failed" in (logs.workdir / "logging.log").read_text(),
+            timeout=60,
+            what="the aggregator to say it cannot store lines",
+        )
+    finally:
+        own_db.thaw()
+    wait_for(lambda: len(logs.all(service="worker")) == 51, timeout=60, what="the lines stored")
+    messages = sorted(r["message"] for r in logs.all(service="worker"))
+    assert messages == sorted(["before", *(f"during {n}" for n in range(50))])
+    wait_for(
+        lambda: "log lines stored again" in (logs.workdir / "logging.log").read_text(),
+        timeout=15,
+        what="the aggregator to say lines are stored again",
+    )
+    assert "crashed" not in (logs.workdir / "logging.log").read_text()

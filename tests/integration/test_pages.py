@@ -101,14 +101,17 @@ def test_front_page_lists_templates_with_launch_buttons_and_badges(
     page = tab.page
     page.goto(deploy.url + "/")
     card = page.locator("section.card", has_text="example")
-    launch = card.get_by_role("link", name="Launch example")
+    launch = card.get_by_role("link", name="Launch example", exact=True)
     assert launch.get_attribute("href") == "/launch/example"
     card.locator("summary").click()
     markdown = card.get_by_label("Markdown").input_value()
-    assert markdown == (
-        f"[![launch example]({deploy.url}/badge/example.svg)]({deploy.url}/launch/example)"
-    )
-    assert f'href="{deploy.url}/launch/example"' in card.get_by_label("HTML").input_value()
+    public = f"http://127.0.0.1:{deploy.proxy.port}"  # [proxy] public_url, not the page's host
+    assert markdown == f"[![launch example]({public}/badge/example.svg)]({public}/launch/example)"
+    assert f'href="{public}/launch/example"' in card.get_by_label("HTML").input_value()
+    card.get_by_label("Path to open in the app (optional)").fill("docs/a b.html")
+    deep = f"{public}/launch/example?urlpath=docs%2Fa%20b.html"
+    assert card.get_by_label("Markdown").input_value().endswith(f"({deep})")
+    assert card.get_by_role("link", name="Badge: launch example").get_attribute("href") == deep
     assert page.evaluate("document.querySelector('img.badge').naturalWidth") > 0
     tab.shot("front")
     assert tab.axe_violations() == []
@@ -172,7 +175,7 @@ def test_cut_event_stream_and_unreachable_server_still_land_on_the_app(
     # every event stream ends after one backend progress message, before any final status:
     # the page shows the message, then polls the status instead
     page.route(
-        "**/events",
+        re.compile(r".*/events(\?.*)?$"),
         lambda route: route.fulfill(
             status=200,
             headers={"Content-Type": "text/event-stream"},

@@ -104,7 +104,7 @@ def test_concurrent_launches_on_a_pool_keep_the_server_limit_exact(
 
     def total() -> int:
         state = _pool(deploy, "example")
-        running = _users_active(deploy) + state["ready"] + state["starting"]
+        running: int = _users_active(deploy) + state["ready"] + state["starting"]
         assert running <= 5, f"{running} deployments on a server that runs at most 5"
         return running
 
@@ -117,7 +117,6 @@ def test_an_answered_claim_survives_kill9_and_is_never_handed_out_again(
     own_db: Database, deploy_factory: Callable[..., DeployServer], proxy: Proxy
 ) -> None:
     deploy = deploy_factory(db=own_db).start()
-    # a template of its own: a shipped one is written again from the config at each start
     pooled = {"command": list(EXAMPLE_COMMAND), "port": 8888, "pool-size": 2}
     put = httpx.put(f"{deploy.url}/templates/pooled", json=pooled, headers=deploy.auth)
     assert put.status_code == 200, put.text
@@ -157,3 +156,14 @@ def test_a_pool_emptied_then_wanted_again_is_retired_then_refilled(deploy: Deplo
     _ready(deploy, "example", 1)
     claimed = httpx.post(f"{deploy.url}/applications/example", timeout=30).json()
     assert claimed["status"] == "deployed"  # from the pool, at once
+
+
+def test_a_shipped_template_keeps_its_resized_pool_across_a_restart(deploy: DeployServer) -> None:
+    _resize(deploy, "example", 1)
+    _ready(deploy, "example", 1)
+    deploy.stop()
+    deploy.start()  # the template files seed the templates again
+    assert _pool(deploy, "example")["size"] == 1
+    _ready(deploy, "example", 1)
+    listed = httpx.get(f"{deploy.url}/templates/example", headers=deploy.auth).json()
+    assert listed["pool-size"] == 1

@@ -21,7 +21,8 @@ from services.deploy_kubernetes.models import (
     now,
     parse_template,
 )
-from services.deploy_kubernetes.store import ACTIVE, Change, MongoStore, Store
+from services.deploy_kubernetes.store.base import ACTIVE, Change, Store
+from services.deploy_kubernetes.store.mongo import MongoStore
 
 pytestmark = pytest.mark.integration
 
@@ -222,11 +223,34 @@ def test_templates_round_trip(make_store: Callable[[], Store]) -> None:
         web = Template(name="web", command=("run",), env={"A": "1"}, pool_size=2)
         await store.put_template(web)
         await store.put_template(Template(name="api", command=("x",)))
-        assert await store.get_template("web") == parse_template(web.to_api())
-        assert [t.name for t in await store.list_templates()] == ["api", "web"]
+        api = parse_template(Template(name="api", command=("x",)).to_api())
+        assert await store.list_templates() == [api, parse_template(web.to_api())]
         assert await store.delete_template("web") is True
         assert await store.delete_template("web") is False
-        assert await store.get_template("web") is None
+        assert await store.list_templates() == [api]
+
+    run(make_store, case)
+
+
+def test_a_template_keeps_the_version_that_seeded_it_until_the_next_seeding(
+    make_store: Callable[[], Store],
+) -> None:
+    async def case(store: Store) -> None:
+        seed = Template(name="web", command=("run",), pool_size=0)
+        await store.put_template(seed, seeded=seed)
+        await store.put_template(Template(name="api", command=("x",)))
+        resized = Template(name="web", command=("run",), pool_size=3)
+        await store.put_template(resized)  # an operator's change keeps the seed
+        assert await store.seeded_templates() == {"web": parse_template(seed.to_api())}
+        assert await store.list_templates() == [
+            parse_template(Template(name="api", command=("x",)).to_api()),
+            parse_template(resized.to_api()),
+        ]
+        reseed = Template(name="web", command=("serve",), pool_size=0)
+        await store.put_template(resized, seeded=reseed)
+        assert await store.seeded_templates() == {"web": parse_template(reseed.to_api())}
+        assert await store.delete_template("web") is True
+        assert await store.seeded_templates() == {}
 
     run(make_store, case)
 

@@ -15,7 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from services.deploy_kubernetes.access import AccessLog
+from services.deploy_kubernetes.api.access import AccessLog
+from services.deploy_kubernetes.api.caller import CallerMiddleware
 
 DEP_ID = "0123456789abcdef0123456789abcdef"
 
@@ -54,9 +55,9 @@ def client() -> Iterator[TestClient]:
             Route("/applications/{template}/{id}", delete, methods=["DELETE"]),
             Route("/health", health),
         ],
-        middleware=[Middleware(AccessLog, client_of=lambda r: "203.0.113.9")],
+        middleware=[Middleware(CallerMiddleware, api_key="key"), Middleware(AccessLog)],
     )
-    with TestClient(app) as c:
+    with TestClient(app, client=("203.0.113.9", 50000)) as c:
         yield c
 
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from starlette.responses import JSONResponse
 
-from services.deploy_kubernetes.answers import StatusAnswers
+from services.deploy_kubernetes.api.answers import StatusAnswers
 from services.deploy_kubernetes.models import Deployment, Status
 
 

@@ -6,12 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeBackend, FakeProxy, FakeStore
+from fakes import FakeBackend, FakeProxy, FakeStore, FakeWindows
 from harness import wait_for
 from starlette.testclient import TestClient
 
 from common.settings import load_settings
 from services.deploy_kubernetes.app import create_app
+from services.deploy_kubernetes.backends.base import Observed, State
 
 KEY = "k" * 32
 
@@ -32,7 +33,14 @@ def client(tmp_path: Path, parts: tuple[FakeStore, FakeBackend, FakeProxy]) -> I
             "BINDER_DEPLOY_MAX_DEPLOYMENTS": "3",
         },
     )
-    app = create_app(settings, backend=backend, store=store, proxy=proxy, keeper_interval=0.05)
+    app = create_app(
+        settings,
+        backend=backend,
+        store=store,
+        windows=FakeWindows(),
+        proxy=proxy,
+        keeper_interval=0.05,
+    )
     with TestClient(app) as c:
         wait_for(lambda: c.get("/health").status_code == 200, timeout=5, what="ready")
         yield c
@@ -47,7 +55,9 @@ def _deployed(client: TestClient, dep_id: str) -> dict[str, object]:
     return result
 
 
-def test_launch_answers_id_then_location_without_scheme(client: TestClient, parts: tuple) -> None:
+def test_launch_answers_id_then_location_without_scheme(
+    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+) -> None:
     response = client.post("/applications/example")
     assert response.status_code == 200
     dep_id = response.json()["id"]
@@ -57,10 +67,12 @@ def test_launch_answers_id_then_location_without_scheme(client: TestClient, part
     assert info["url"] == f"http://hub.example:8000/user/{dep_id}/"
     _, backend, proxy = parts
     assert ("launch", dep_id) in backend.calls
-    assert proxy.table[f"/user/{dep_id}"][0] == f"http://fake/{dep_id}"
+    assert proxy.table[f"/user/{dep_id}"].target == f"http://fake/{dep_id}"
 
 
-def test_failed_launch_has_reason_and_is_cleaned_up(client: TestClient, parts: tuple) -> None:
+def test_failed_launch_has_reason_and_is_cleaned_up(
+    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+) -> None:
     _, backend, proxy = parts
     backend.fail_with = "image pull failed: no such image"
     dep_id = client.post("/applications/", json={"template-name": "example"}).json()["id"]
@@ -70,7 +82,23 @@ def test_failed_launch_has_reason_and_is_cleaned_up(client: TestClient, parts: t
     assert f"/user/{dep_id}" not in proxy.table
 
 
-def test_delete_writes_status_before_stopping(client: TestClient, parts: tuple) -> None:
+def test_an_app_that_exits_before_its_record_lands_fails_with_its_own_reason(
+    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+) -> None:
+    # the backend tells of the exit while the launch's insert is still on its way: the app is
+    # the launch's, not one without a record, and its exit code must reach the reason
+    store, backend, _ = parts
+    store.insert_delay = 0.2
+    backend.exit_with = "process exited with code 3"
+    dep_id = client.post("/applications/example").json()["id"]
+    info = _deployed(client, dep_id)
+    assert info == {**info, "status": "failed", "reason": "process exited with code 3"}
+    assert backend.calls.count(("stop", dep_id)) == 1  # once, after the failure was written
+
+
+def test_delete_writes_status_before_stopping(
+    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+) -> None:
     store, backend, _ = parts
     dep_id = client.post("/applications/example").json()["id"]
     _deployed(client, dep_id)
@@ -79,6 +107,25 @@ def test_delete_writes_status_before_stopping(client: TestClient, parts: tuple) 
     assert store.deps[dep_id].status.value == "deleted"
     assert store.deps[dep_id].ended_at is not None
     assert dep_id not in backend.running
+
+
+def test_an_ended_deployment_answers_without_its_dead_location_and_url(
+    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+) -> None:
+    _, backend, _ = parts
+    gone, dying = (client.post("/applications/example").json()["id"] for _ in range(2))
+    for dep_id in (gone, dying):
+        assert {"location", "url"} <= set(_deployed(client, dep_id))
+    deleted = client.delete(f"/applications/example/{gone}", headers={"Authorization": KEY})
+    assert deleted.json()["status"] == "deleted"
+    assert backend.notify is not None
+    died = Observed(id=dying, state=State.EXITED, reason="process exited with code 1")
+    client.portal.call(backend.notify, died)  # type: ignore[union-attr]
+    listed = client.get("/applications/example", headers={"Authorization": KEY}).json()
+    for answer in (deleted.json(), *listed, client.get(f"/applications/example/{gone}").json()):
+        assert answer["status"] in ("deleted", "failed")
+        assert "location" not in answer
+        assert "url" not in answer
 
 
 def test_capacity_counts_active_deployments(client: TestClient) -> None:
@@ -90,7 +137,9 @@ def test_capacity_counts_active_deployments(client: TestClient) -> None:
     assert response.headers["retry-after"] == "30"
 
 
-def test_database_outage_is_503_bad_database(client: TestClient, parts: tuple) -> None:
+def test_database_outage_is_503_bad_database(
+    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+) -> None:
     store, _, _ = parts
     store.down = True
     response = client.post("/applications/example")
@@ -124,7 +173,15 @@ def test_templates_round_trip_and_seeded_example(client: TestClient) -> None:
     }
     put = client.put("/templates/mine", json=body, headers={"Authorization": KEY})
     assert put.status_code == 200
-    assert client.get("/templates/mine").json()["limits"] == {"memory": "512Mi", "cpu": "500m"}
+    limits = {"memory": "512Mi", "cpu": "500m", "pids": 1024}  # pids: its default
+    assert client.get("/templates/mine").json()["limits"] == limits
+    body["limits"] = {"pids": 64}
+    assert client.put("/templates/mine", json=body, headers={"Authorization": KEY}).is_success
+    assert client.get("/templates/mine").json()["limits"] == {"pids": 64}
+    body["limits"] = {"pids": 0}
+    assert (
+        client.put("/templates/mine", json=body, headers={"Authorization": KEY}).status_code == 422
+    )
     assert client.delete("/templates/mine", headers={"Authorization": KEY}).status_code == 200
     assert client.get("/templates/mine").status_code == 404
 
@@ -146,8 +203,24 @@ def test_metrics_count_launches(client: TestClient) -> None:
     assert "binder_launch_latency_seconds_bucket" in text
 
 
+def test_metrics_count_accepted_launches_only(
+    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+) -> None:
+    store, _, _ = parts
+    store.down = True
+    assert client.post("/applications/example").status_code == 503  # its record not written
+    store.down = False
+    assert client.post("/applications/nothing").status_code == 404
+    assert all(client.post("/applications/example").status_code == 200 for _ in range(3))
+    assert client.post("/applications/example").status_code == 429  # capacity
+    text = client.get("/metrics").text
+    assert 'binder_launches_total{template="example"} 3.0' in text
+    assert 'template="nothing"' not in text
+    assert "Launches accepted" in text
+
+
 def test_backend_or_proxy_outage_refuses_launches_with_503(
-    client: TestClient, parts: tuple
+    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
 ) -> None:
     _, backend, proxy = parts
     backend.down = True
@@ -188,3 +261,49 @@ def test_sink_counts_dropped_records_for_metrics() -> None:
         )
     finally:
         sink.close(timeout=0.1)
+
+
+def test_unknown_template_is_named_for_the_original_binder_client_where_it_knows_a_name(
+    client: TestClient,
+) -> None:
+    body = {"template-name": "nope"}
+    ours = client.post("/applications/", json=body, headers={"Accept": "application/json"})
+    assert ours.status_code == 404
+    assert ours.json() == {"type": "noTemplate", "error": "no template named nope"}
+    # as node's `request` library sends it: Accept: application/json, no User-Agent
+    user_agent = client.headers.pop("user-agent")
+    try:
+        original = {"Accept": "application/json"}
+        theirs = client.post("/applications/", json=body, headers=original)
+        assert theirs.status_code == 404
+        assert theirs.json() == {"type": "registryError", "error": "no template named nope"}
+        auth = {**original, "Authorization": KEY}
+        assert client.post("/preload/nope", headers=auth).json()["type"] == "registryError"
+        # statusAll: the client knows no name for it, so it gets the contract's
+        assert client.get("/applications/nope", headers=auth).json()["type"] == "noTemplate"
+    finally:
+        client.headers["user-agent"] = user_agent
+
+
+def test_the_list_pages_ended_deployments_with_a_link_to_the_older_ones(
+    client: TestClient,
+) -> None:
+    key = {"Authorization": KEY}
+    ids = []
+    for n in range(5):  # one at a time: the server's capacity here is 3
+        ids.append(client.post("/applications/example").json()["id"])
+        _deployed(client, ids[-1])
+        if n < 4:
+            assert client.delete(f"/applications/example/{ids[-1]}", headers=key).status_code == 200
+    first = client.get("/applications/example?limit=3", headers=key)
+    assert first.status_code == 200
+    rows = first.json()
+    assert [r["id"] for r in rows if r["status"] == "deployed"] == [ids[4]], "active ones first"
+    assert {r["id"] for r in rows} == {ids[4], ids[3], ids[2]}, "then the newest ended ones"
+    link = first.headers["link"]
+    assert link.endswith('>; rel="next"')
+    older = client.get(link[1 : link.index(">")], headers=key)
+    assert {r["id"] for r in older.json()} == {ids[1], ids[0]}
+    assert "link" not in older.headers, "the last page names no next"
+    assert client.get("/applications/example?limit=0", headers=key).status_code == 422
+    assert client.get("/applications/example?cursor=x", headers=key).status_code == 422

@@ -4,6 +4,7 @@ usage errors, global options anywhere."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,111 @@ def test_logs_before_the_first_start_fails_in_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "start-all" in result.output
     assert os.path.exists(tmp_path / "h") is False
+
+
+COMMANDS = [
+    [],
+    ["start-all"],
+    ["stop-all"],
+    ["status"],
+    ["restart"],
+    ["logs"],
+    ["config"],
+    ["systemd-unit"],
+    ["api-key"],
+    ["db"],
+    ["deploy-kubernetes"],
+    ["deploy-kubernetes", "start"],
+    ["proxy", "status"],
+]
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=lambda argv: " ".join(argv) or "top")
+def test_help_names_values_as_words_and_shows_no_markup(argv: list[str]) -> None:
+    result = CliRunner().invoke(app, [*argv, "--help"])
+    assert result.exit_code == 0, result.output
+    for leak in ("<bool>", "<str>", "<path>", "<int", "``"):
+        assert leak not in result.output, (leak, result.output)
+    cut = [
+        line for line in result.output.splitlines() if line.endswith("...") and "Usage" not in line
+    ]
+    assert not cut, cut  # no summary cut short
+
+
+def test_deploy_servers_help_says_its_name_holds_on_every_backend() -> None:
+    result = CliRunner().invoke(app, ["deploy-kubernetes", "--help"])
+    assert "every backend" in result.output
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["logs", "--since", "5x"], "--since"),
+        (["logs", "--app", ""], "--app"),
+        (["logs", "--app", "XYZ"], "--app"),
+    ],
+)
+def test_bad_log_filters_are_usage_errors(tmp_path: Path, argv: list[str], named: str) -> None:
+    result = CliRunner().invoke(app, ["--home", str(_home(tmp_path)), *argv])
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+
+
+def test_good_durations_and_times_pass_the_since_check() -> None:
+    from control.cli import _since
+
+    for value in ("90s", "10m", "2h", "1.5d", "1w", "2026-01-31T12:00", "2026-01-31"):
+        assert _since(value) == value
+
+
+def test_an_unknown_binder_variable_is_refused_naming_it(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["--home", str(_home(tmp_path)), "config"], env={"BINDER_DEPLOY_PROT": "9000"}
+    )
+    assert result.exit_code == 1
+    assert "BINDER_DEPLOY_PROT" in result.output
+    assert "BINDER_DEPLOY_PORT" in result.output  # the closest setting
+
+
+def test_status_of_a_home_never_started_says_how_to_start_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "never"
+    result = CliRunner().invoke(app, ["--home", str(home), "status"])
+    assert result.exit_code == 1
+    assert "never been started" in result.output
+    assert "start-all" in result.output
+    assert not home.exists()
+
+
+def test_a_refused_start_writes_nothing_into_a_fresh_home(tmp_path: Path) -> None:
+    home = tmp_path / "fresh"
+    config = tmp_path / "taken.toml"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config.write_text(f"[logging]\nport = {taken.getsockname()[1]}\n")
+        result = CliRunner().invoke(
+            app, ["--home", str(home), "--config", str(config), "start-all"]
+        )
+    assert result.exit_code == 1, result.output
+    assert "in use" in result.output
+    assert not home.exists()
+
+
+def test_two_homes_install_two_systemd_units(tmp_path: Path) -> None:
+    from control.systemd import unit_path
+
+    first, second = unit_path(tmp_path / "a"), unit_path(tmp_path / "b")
+    assert first != second
+    assert first.parent == second.parent == Path("/etc/systemd/system")
+    assert unit_path(Path("~/.binder").expanduser()).name == "binder.service"
+
+
+def test_app_text_cannot_drive_the_operators_terminal() -> None:
+    from control.logs_cmd import neutral
+
+    shown = neutral("ok\x1b]0;owned\x07\x1b[2J\rfake\u202eevil\n2026-01-01 deploy ERROR forged")
+    assert not any(ch in shown for ch in "\x1b\x07\r\u202e")
+    assert "\\x1b" in shown
+    assert "\n2026" not in shown  # a second line cannot pass for a record of its own

@@ -14,7 +14,7 @@ import uvicorn
 from harness import free_port, wait_for
 from starlette.types import Receive, Scope, Send
 
-from common.edge import edge_protocol
+from common.serving.edge import edge_protocol
 from common.settings import HttpSettings
 
 LIMITS = HttpSettings(

@@ -1,4 +1,5 @@
-"""The keeper learns of a proxy restart from one sentinel route, not by listing every route."""
+"""The keeper holds the proxy's routes to the records each round, without reading every
+deployment from the database."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeBackend, FakeProxy, FakeStore
+from fakes import FakeBackend, FakeProxy, FakeStore, FakeWindows
 from harness import wait_for
 from starlette.testclient import TestClient
 
+from common.proxy import ProxyRoute
 from common.settings import load_settings
 from services.deploy_kubernetes.app import create_app
 
@@ -23,28 +25,64 @@ def parts() -> tuple[FakeStore, FakeBackend, FakeProxy]:
 def client(tmp_path: Path, parts: tuple[FakeStore, FakeBackend, FakeProxy]) -> Iterator[TestClient]:
     store, backend, proxy = parts
     settings = load_settings(home=tmp_path, environ={"BINDER_API_KEY": "k" * 32})
-    app = create_app(settings, backend=backend, store=store, proxy=proxy, keeper_interval=0.02)
+    app = create_app(
+        settings,
+        backend=backend,
+        store=store,
+        windows=FakeWindows(),
+        proxy=proxy,
+        keeper_interval=0.02,
+    )
     with TestClient(app) as c:
         wait_for(lambda: c.get("/health").status_code == 200, timeout=5, what="ready")
         yield c
 
 
-def test_routes_are_listed_only_after_a_proxy_restart(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
-) -> None:
-    _, backend, proxy = parts
-    dep_id = client.post("/applications/example").json()["id"]
+def _deployed(client: TestClient) -> str:
+    dep_id: str = client.post("/applications/example").json()["id"]
     wait_for(
         lambda: client.get(f"/applications/example/{dep_id}").json()["status"] == "deployed",
         timeout=5,
         what="deployed",
     )
-    listed, pings = proxy.listings, backend.pings
-    wait_for(lambda: backend.pings >= pings + 10, timeout=5, what="ten keeper rounds")
-    assert proxy.listings == listed, "the keeper listed every route on a quiet proxy"
+    return dep_id
+
+
+def test_routes_are_put_back_after_a_proxy_restart(
+    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+) -> None:
+    _, _, proxy = parts
+    dep_id = _deployed(client)
     proxy.table.clear()  # the proxy restarted: its routes are gone
     wait_for(lambda: f"/user/{dep_id}" in proxy.table, timeout=5, what="the route put back")
-    assert proxy.listings == listed + 1
+
+
+def test_hijacked_missing_and_stray_routes_are_repaired_within_rounds(
+    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+) -> None:
+    store, backend, proxy = parts
+    first, second = _deployed(client), _deployed(client)
+    target = proxy.table[f"/user/{first}"].target
+    reads = store.full_reads
+    proxy.table[f"/user/{first}"] = ProxyRoute(target="http://127.0.0.1:6666")  # hijacked
+    del proxy.table[f"/user/{second}"]  # removed
+    stray = "/user/" + "e" * 32
+    proxy.table[stray] = ProxyRoute(target="http://127.0.0.1:6667")  # no such deployment
+    # catches every path no app's route takes: pointed back at the deploy server's pages
+    proxy.table["/"] = ProxyRoute(target="http://127.0.0.1:6668")
+    pings = backend.pings
+    wait_for(
+        lambda: (
+            proxy.table.get(f"/user/{first}") == ProxyRoute(target=target)
+            and f"/user/{second}" in proxy.table
+            and stray not in proxy.table
+            and proxy.table.get("/") == ProxyRoute(target="http://127.0.0.1:8084")
+        ),
+        timeout=5,
+        what="the routes held to the records",
+    )
+    assert backend.pings - pings <= 3, "repaired later than within a few keeper rounds"
+    assert store.full_reads - reads <= 1, "the keeper read every deployment to hold routes"
 
 
 def test_a_quiet_suite_reads_its_deployments_only_every_few_rounds(

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 
 from common.errors import BadProxyError
-from common.local_http import MAX_BODY, RequestError, request
+from common.local_http import MAX_BODY, Answer, RequestError, request
 from common.proxy import ProxyClient
 
+T = TypeVar("T")
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -40,8 +42,8 @@ def answering(raw: bytes, *, seen: list[bytes] | None = None) -> Handler:
     return handle
 
 
-def served(handler: Handler, call: Callable[[str], Awaitable[object]]) -> object:
-    async def main() -> object:
+def served(handler: Handler, call: Callable[[str], Awaitable[T]]) -> T:
+    async def main() -> T:
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         async with server:
@@ -59,8 +61,8 @@ def test_reads_status_and_body_with_a_length_and_sends_json() -> None:
             url + "/api/routes/user/x?q=1", method="POST", json={"t": 1}, seconds=2
         ),
     )
-    assert answer.status == 201  # type: ignore[attr-defined]
-    assert answer.json() == {"a": True}  # type: ignore[attr-defined]
+    assert answer.status == 201
+    assert answer.json() == {"a": True}
     assert seen[0].startswith(b"POST /api/routes/user/x?q=1 HTTP/1.1\r\n")
     assert b"Content-Type: application/json" in seen[0]
     assert seen[0].endswith(b'{"t": 1}')
@@ -71,10 +73,10 @@ def test_reads_a_chunked_body_and_one_ended_by_the_close() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
     )
     answer = served(answering(chunked), lambda url: request(url, seconds=2))
-    assert (answer.status, answer.body) == (200, b"abcde")  # type: ignore[attr-defined]
+    assert (answer.status, answer.body) == (200, b"abcde")
     closed = b"HTTP/1.0 503 Service Unavailable\r\n\r\nbusy"
     answer = served(answering(closed), lambda url: request(url, seconds=2))
-    assert (answer.status, answer.body) == (503, b"busy")  # type: ignore[attr-defined]
+    assert (answer.status, answer.body) == (503, b"busy")
 
 
 @pytest.mark.parametrize(
@@ -123,7 +125,7 @@ def test_the_proxy_client_takes_a_404_as_a_missing_route_only() -> None:
     missing = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
     async def calls(url: str) -> tuple[str | None, list[str]]:
-        proxy = ProxyClient(api_url=url, token="t", public_url=url)
+        proxy = ProxyClient(api_url=url, token="t")
         errors = []
         for look in (proxy.ping, proxy.routes):
             try:
@@ -133,7 +135,7 @@ def test_the_proxy_client_takes_a_404_as_a_missing_route_only() -> None:
         await proxy.remove_route("/user/x")
         return await proxy.route("/user/x"), errors
 
-    route, errors = served(answering(missing), calls)  # type: ignore[misc]
+    route, errors = served(answering(missing), calls)
     assert route is None
     assert errors == [
         "proxy API answered 404 to GET /api/routes",
@@ -156,9 +158,9 @@ def test_a_stream_is_read_only_until_what_was_awaited_came() -> None:
         finally:
             writer.close()
 
-    async def call(url: str) -> object:
+    async def call(url: str) -> Answer:
         return await request(url, seconds=10, until=lambda body: b"deployed" in body)
 
     answer = served(stream, call)
-    assert answer.status == 200  # type: ignore[attr-defined]
-    assert answer.body.endswith(b"data: deployed\n\n")  # type: ignore[attr-defined]
+    assert answer.status == 200
+    assert answer.body.endswith(b"data: deployed\n\n")

@@ -41,3 +41,39 @@ def test_a_file_of_short_lines_is_read_in_chunks_the_database_can_store(tmp_path
     following = read_chunk(path=path, key=str(path), state=state, final=False)
     assert following is not None
     assert following.records[0]["_id"] == f"{state.inode}:{2 * MAX_LINES}"
+
+
+APP_ID = "0123456789abcdef0123456789abcdef"
+
+
+def _records(path: Path, text: bytes) -> list[dict[str, object]]:
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(text)
+    state = Followed(inode=path.stat().st_ino, offset=0)
+    chunk = read_chunk(path=path, key=str(path), state=state, final=False)
+    assert chunk is not None
+    return chunk.records
+
+
+def test_an_app_cannot_forge_the_level_template_or_id_of_its_records(tmp_path: Path) -> None:
+    forged = (
+        b'{"message": "all is lost", "level": "critical", "template": "jupyter", '
+        b'"id": "ffffffffffffffffffffffffffffffff", "service": "deploy-kubernetes"}\n'
+    )
+    (record,) = _records(tmp_path / "apps" / f"{APP_ID}.log", forged)
+    assert record["level"] == "info"
+    assert "template" not in record
+    assert (record["service"], record["id"]) == ("app", APP_ID)
+    assert record["message"] == forged.decode().rstrip("\n")  # the whole line, as text
+
+
+def test_the_suites_own_json_lines_keep_their_level_and_fields(tmp_path: Path) -> None:
+    line = b'{"message": "m", "level": "warning", "template": "example"}\n'
+    (record,) = _records(tmp_path / "deploy-kubernetes.out.log", line)
+    assert (record["level"], record["template"], record["message"]) == ("warning", "example", "m")
+
+
+def test_a_line_with_a_40000_digit_number_is_stored_as_text(tmp_path: Path) -> None:
+    line = b'{"message": "m", "level": "error", "n": ' + b"1" * 40_000 + b"}\n"
+    (record,) = _records(tmp_path / "logging.err.log", line)
+    assert record["message"] == line.decode().rstrip("\n")

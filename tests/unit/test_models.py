@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.deploy_kubernetes.culler import cull_reason
+from services.deploy_kubernetes.engine.culler import cull_reason
 from services.deploy_kubernetes.errors import MalformedRequestError
 from services.deploy_kubernetes.models import (
     TRANSITIONS,

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import anyio
 import pytest
-from fakes import FakeBackend, FakeProxy, FakeStore
+from fakes import FakeBackend, FakeProxy, FakeStore, FakeWindows
 from harness import wait_for
 from starlette.testclient import TestClient
 
 from common.settings import load_settings
 from services.deploy_kubernetes.app import create_app
-from services.deploy_kubernetes.badge import render_badge
-from services.deploy_kubernetes.console_auth import Sessions
-from services.deploy_kubernetes.models import Deployment, Status, new_id
+from services.deploy_kubernetes.models import Deployment, Status, new_id, now
+from services.deploy_kubernetes.web.badge import render_badge
+from services.deploy_kubernetes.web.console_auth import SIGN_IN_FAILURES, Sessions
 
 KEY = "k" * 32
 HEADER = {"X-Binder-Console": "1"}
@@ -31,7 +31,9 @@ def store() -> FakeStore:
 @pytest.fixture
 def client(tmp_path: Path, store: FakeStore) -> Iterator[TestClient]:
     settings = load_settings(home=tmp_path, environ={"BINDER_API_KEY": KEY})
-    app = create_app(settings, backend=FakeBackend(), store=store, proxy=FakeProxy())
+    app = create_app(
+        settings, backend=FakeBackend(), store=store, windows=FakeWindows(), proxy=FakeProxy()
+    )
     with TestClient(app) as c:
         wait_for(lambda: c.get("/health").status_code == 200, timeout=5, what="ready")
         yield c
@@ -48,14 +50,36 @@ def test_badge_is_svg_naming_its_text() -> None:
     assert [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")][-1] == "a<b&c"
 
 
+class _Kept:
+    """Sessions kept as the deployer keeps them: in the (fake) store."""
+
+    def __init__(self) -> None:
+        self.store = FakeStore()
+
+    async def open_session(self, digest: str, seconds: float) -> None:
+        await self.store.put_session(digest, now() + timedelta(seconds=seconds))
+
+    async def session_valid(self, digest: str) -> bool:
+        return await self.store.session_valid(digest)
+
+    async def end_session(self, digest: str) -> None:
+        await self.store.end_session(digest)
+
+
 def test_sessions_expire_and_end() -> None:
-    sessions = Sessions(lifetime=60)
-    token = sessions.create()
-    assert sessions.valid(token)
-    assert not sessions.valid(token + "x")
-    sessions.end(token)
-    assert not sessions.valid(token)
-    assert not Sessions(lifetime=-1).valid(Sessions(lifetime=-1).create())
+    async def main() -> None:
+        kept = _Kept()
+        sessions = Sessions(kept, lifetime=60)
+        token = await sessions.create()
+        assert await sessions.valid(token)
+        assert not await sessions.valid(token + "x")
+        assert token not in str(kept.store.sessions), "only a hash of the token is kept"
+        await sessions.end(token)
+        assert not await sessions.valid(token)
+        brief = Sessions(kept, lifetime=-1)
+        assert not await brief.valid(await brief.create())
+
+    anyio.run(main)
 
 
 def test_pages_are_html_with_a_strict_policy(client: TestClient) -> None:
@@ -149,3 +173,26 @@ def test_openapi_describes_the_pages_and_console_calls(client: TestClient) -> No
         "/console/api/deployments",
         "/console/api/logs/stream",
     } <= paths
+
+
+def test_repeated_wrong_keys_throttle_that_clients_sign_ins_only(
+    tmp_path: Path, store: FakeStore
+) -> None:
+    settings = load_settings(
+        home=tmp_path,
+        environ={"BINDER_API_KEY": KEY, "BINDER_DEPLOY_TRUSTED_PROXIES": "10.0.0.1"},
+    )
+    app = create_app(settings, backend=FakeBackend(), store=store, proxy=FakeProxy())
+    guesser = {**HEADER, "X-Forwarded-For": "192.0.2.7"}
+    with TestClient(app, client=("10.0.0.1", 4000)) as client:
+        wait_for(lambda: client.get("/health").status_code == 200, timeout=5, what="ready")
+        for n in range(SIGN_IN_FAILURES):
+            wrong = client.post("/console/session", json={"key": f"guess{n}"}, headers=guesser)
+            assert wrong.status_code == 403
+        refused = client.post("/console/session", json={"key": KEY}, headers=guesser)
+        assert refused.status_code == 429
+        assert refused.json()["type"] == "rateLimited"
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert "set-cookie" not in refused.headers
+        other = {**HEADER, "X-Forwarded-For": "198.51.100.9"}
+        assert client.post("/console/session", json={"key": KEY}, headers=other).status_code == 200

@@ -17,6 +17,7 @@ from services.deploy_kubernetes.backends.readiness import (
     FIRST_LOOK_FRACTION,
     OutputWatch,
     StartTimes,
+    wait_http,
     wait_listening,
 )
 from services.deploy_kubernetes.errors import LaunchError
@@ -28,9 +29,9 @@ def knocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     made: list[int] = []
     knock = readiness.accepts
 
-    async def counted(host: str, port: int) -> bool:
+    async def counted(host: str, port: int, *, seconds: float) -> bool:
         made.append(port)
-        return await knock(host, port)
+        return await knock(host, port, seconds=seconds)
 
     monkeypatch.setattr(readiness, "accepts", counted)
     return made
@@ -170,3 +171,71 @@ def test_an_app_that_writes_all_the_while_wakes_the_server_once_per_look(
     told = asyncio.run(main())
     assert writes >= 3 * len(knocks)  # an app far chattier than the looks
     assert told <= len(knocks) + 1
+
+
+async def _never_gone() -> str | None:
+    return None
+
+
+def test_an_app_that_never_listens_times_out_naming_its_port() -> None:
+    async def main() -> None:
+        with socket.socket() as never:
+            never.bind(("127.0.0.1", 0))  # bound, never listening: refused
+            port = never.getsockname()[1]
+            deadline = time.monotonic() + 0.3
+            with pytest.raises(LaunchError) as raised:
+                await wait_listening("127.0.0.1", port, deadline=deadline, alive=_never_gone)
+            assert raised.value.message == f"timed out waiting for the app to listen on port {port}"
+
+    asyncio.run(main())
+
+
+def test_an_app_that_answers_only_errors_times_out_naming_its_last_answer() -> None:
+    """It listens, so it is probed over HTTP until the deadline; the reason names what it said."""
+
+    async def failing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:  # the connect attempts close without a request
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def main() -> None:
+        server = await asyncio.start_server(failing, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            with pytest.raises(LaunchError) as raised:
+                await wait_http(
+                    f"http://127.0.0.1:{port}/user/x/",
+                    deadline=time.monotonic() + 0.3,
+                    alive=_never_gone,
+                )
+        assert raised.value.message == (
+            "timed out waiting for the app to be ready: it answered 503 at /user/x/: "
+            "it must answer 2xx, 3xx or 401 there"
+        )
+
+    asyncio.run(main())
+
+
+def test_a_connect_attempt_to_an_address_that_does_not_answer_gives_up_in_time() -> None:
+    """A pod network this host cannot reach drops the attempt's SYN, as a listener whose queue
+    is full does here: the attempt gives up after its time instead of TCP's minutes."""
+
+    async def main() -> tuple[bool, float]:
+        with socket.socket() as full, socket.socket() as queued:
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)  # one connection waits to be accepted; further SYNs are dropped
+            queued.connect(full.getsockname())
+            started = time.monotonic()
+            async with asyncio.timeout(5):
+                answered = await readiness.accepts("127.0.0.1", full.getsockname()[1], seconds=0.2)
+            return answered, time.monotonic() - started
+
+    answered, took = asyncio.run(main())
+    assert not answered
+    assert took < 1.0

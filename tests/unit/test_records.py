@@ -12,11 +12,11 @@ import anyio
 import pytest
 from fakes import FakeStore
 
+from services.deploy_kubernetes.engine.metrics import Metrics
+from services.deploy_kubernetes.engine.records import Claim, Records
 from services.deploy_kubernetes.errors import BadDatabaseError, ConflictError
-from services.deploy_kubernetes.metrics import Metrics
 from services.deploy_kubernetes.models import Deployment, Status, new_id, now
-from services.deploy_kubernetes.records import Records
-from services.deploy_kubernetes.store import Change
+from services.deploy_kubernetes.store.base import Change
 
 
 async def _opened() -> tuple[FakeStore, Records]:
@@ -24,6 +24,15 @@ async def _opened() -> tuple[FakeStore, Records]:
     records = Records(store=store, metrics=Metrics(), max_deployments=5)
     await records.open()
     return store, records
+
+
+async def _create(records: Records, dep: Deployment) -> None:
+    """What a launch does: count ``dep`` in and write it, in one step."""
+    await records.admit(dep)
+
+
+async def _active(store: FakeStore) -> int:
+    return (await store.counts()).total
 
 
 def _dep() -> Deployment:
@@ -37,22 +46,22 @@ def test_a_retried_insert_that_landed_is_a_success() -> None:
         store, records = await _opened()
         store.retried_inserts = 1
         dep = _dep()
-        await records.create(dep)
+        await _create(records, dep)
         assert await records.get(dep.id) == dep
-        assert records.active_count() == 1
+        assert await _active(store) == 1
 
     anyio.run(main)
 
 
 def test_a_real_duplicate_is_still_a_conflict_and_frees_its_slot() -> None:
     async def main() -> None:
-        _, records = await _opened()
+        store, records = await _opened()
         dep = _dep()
-        await records.create(dep)
+        await _create(records, dep)
         other = dep.evolve(template="u")  # same id, another record
         with pytest.raises(ConflictError):
-            await records.create(other)
-        assert records.active_count() == 1
+            await _create(records, other)
+        assert await _active(store) == 1
 
     anyio.run(main)
 
@@ -77,7 +86,7 @@ def test_a_write_answered_after_a_delete_never_shows_the_record_alive_again(late
     async def main() -> None:
         store, records = await _opened()
         dep = _dep()
-        await records.create(dep)
+        await _create(records, dep)
         if late == "update":  # the culler's look at a deployed app's activity
             deployed = await records.move(dep, Status.DEPLOYED, Change(target="http://a:1"))
             assert deployed is not None
@@ -88,7 +97,7 @@ def test_a_write_answered_after_a_delete_never_shows_the_record_alive_again(late
         shown = await records.get(dep.id)
         assert shown is not None
         assert shown.status is Status.DELETED
-        assert records.active_count() == 0
+        assert await _active(store) == 0
         assert answer is None or answer.status is Status.DELETED
 
 
@@ -110,7 +119,7 @@ async def _records_over(*deps: Deployment) -> tuple[FakeStore, Records]:
 
 
 async def _claim(records: Records, client: str = "10.0.0.1") -> Deployment | None:
-    return await records.claim_pooled("t", created=now(), cull_timeout_ms=9, client=client)
+    return await records.claim_pooled("t", Claim(created=now(), cull_timeout_ms=9, client=client))
 
 
 def test_concurrent_claims_hand_each_ready_instance_out_once() -> None:
@@ -131,7 +140,8 @@ def test_concurrent_claims_hand_each_ready_instance_out_once() -> None:
         for dep in claimed:  # what the launch answers is what the database holds
             assert store.deps[dep.id] == dep
             assert (dep.pooled, dep.cull_timeout_ms) == (False, 9)
-        assert records.active_count() == 3, "a claim takes no more room"
+        assert await _active(store) == 3, "a claim takes no more room"
+        assert sum((await store.counts()).clients.values()) == 2, "each claim counts its client"
 
     anyio.run(main)
 

@@ -142,3 +142,17 @@ def test_the_logging_token_comes_from_the_environment_only(tmp_path: Path) -> No
     cfg.write_text("[logging]\ntoken = 'in-a-file'\n")
     with pytest.raises(ConfigError, match=r"unknown key 'logging\.token'"):
         load_settings(cfg, home=tmp_path, environ={})
+
+
+def test_the_docker_label_is_derived_from_the_home_unless_configured(tmp_path: Path) -> None:
+    one = load_settings(home=tmp_path / "one", environ={})
+    two = load_settings(home=tmp_path / "two", environ={})
+    assert one.deploy.docker.suite_label == ""
+    labels = {s.deploy.docker.label(s.home) for s in (one, two)}
+    assert len(labels) == 2
+    assert all(label.startswith("binder-") for label in labels)
+    assert one.deploy.docker.label(one.home) == one.deploy.docker.label(tmp_path / "one")
+    named = load_settings(
+        home=tmp_path / "one", environ={"BINDER_DEPLOY_DOCKER_SUITE_LABEL": "blue"}
+    )
+    assert named.deploy.docker.label(named.home) == "blue"

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeBackend, FakeProxy, FakeStore
+from fakes import FakeBackend, FakeProxy, FakeStore, FakeWindows
 from harness import wait_for
 from starlette.testclient import TestClient
 
@@ -25,7 +25,12 @@ def backend() -> FakeBackend:
 def client(tmp_path: Path, backend: FakeBackend) -> Iterator[TestClient]:
     settings = load_settings(home=tmp_path, environ={"BINDER_API_KEY": KEY})
     app = create_app(
-        settings, backend=backend, store=FakeStore(), proxy=FakeProxy(), keeper_interval=0.05
+        settings,
+        backend=backend,
+        store=FakeStore(),
+        windows=FakeWindows(),
+        proxy=FakeProxy(),
+        keeper_interval=0.05,
     )
     with TestClient(app) as c:
         wait_for(lambda: c.get("/health").status_code == 200, timeout=5, what="ready")
@@ -69,7 +74,9 @@ def test_a_backend_loop_that_dies_is_restarted(tmp_path: Path) -> None:
 
     backend.extra_loops["watch"] = flaky
     settings = load_settings(home=tmp_path, environ={"BINDER_API_KEY": KEY})
-    app = create_app(settings, backend=backend, store=FakeStore(), proxy=FakeProxy())
+    app = create_app(
+        settings, backend=backend, store=FakeStore(), windows=FakeWindows(), proxy=FakeProxy()
+    )
     with TestClient(app) as c:
         wait_for(lambda: len(runs) >= 3, timeout=10, what="the loop to be restarted twice")
         assert _crashes(c, "backend:watch") == 2

@@ -1,4 +1,5 @@
-"""Readiness of an app the deploy server can reach itself (local processes, Docker containers):
+"""Readiness of an app the deploy server can reach itself (local processes, Docker containers,
+Kubernetes pods at their IP):
 first that it listens, learnt by connect attempts that cost tens of microseconds and send it
 nothing, then that it answers, by HTTP probes that name themselves in their ``User-Agent``.
 
@@ -69,7 +70,14 @@ class OutputWatch:
     blocked event loop, measured here, where a watch costs microseconds). A watch is one-shot:
     the kernel tells of the first write after it is armed, then of nothing until the wait has
     looked and armed it again, so an app that writes all the while it starts wakes the server
-    once per look, not once per write. :meth:`run` hands the kernel's events out as they come."""
+    once per look, not once per write. :meth:`run` hands the kernel's events out as they come.
+
+    Why: an app is seen the moment it prints that it listens, while the connect attempts of the
+    fallback schedule stay few (``tests/unit/test_readiness.py`` holds both: few attempts for a
+    slow app that prints when it listens, one wake-up per look for one that prints all along).
+    Exit condition: delete it when the server learns of an app's listening socket from the
+    kernel itself (the local sandbox's own network namespace, watched through sock_diag), or if
+    every launch comes from a pool, so that how soon a starting app is seen no longer matters."""
 
     def __init__(self) -> None:
         try:
@@ -160,15 +168,18 @@ def _probe_tls() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-async def accepts(host: str, port: int) -> bool:
-    """Whether ``host:port`` accepts a TCP connection (closed at once, nothing sent: the app sees
-    no request). A refused attempt costs tens of microseconds, far less than an HTTP probe."""
+async def accepts(host: str, port: int, *, seconds: float = PROBE_TIMEOUT) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``seconds`` (closed at once, nothing
+    sent: the app sees no request). A refused attempt costs tens of microseconds, far less than
+    an HTTP probe; one to an address that does not answer (a pod network this host cannot
+    reach) gives up after ``seconds``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setblocking(False)
         try:
-            await asyncio.get_running_loop().sock_connect(sock, (host, port))
-        except OSError:
+            async with asyncio.timeout(seconds):
+                await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except (OSError, TimeoutError):
             return False
     return True
 
@@ -209,13 +220,13 @@ async def wait_listening(
         if hints is None
         else (HINTED_POLL_FRACTION, HINTED_POLL_BOUNDS)
     )
-    while not await accepts(host, port):
+    while not await accepts(host, port, seconds=_within(deadline)):
         reason = await alive()
         if reason is not None:
             raise LaunchError(reason)
         now = time.monotonic()
         if now > deadline:
-            raise LaunchError("timed out waiting for the app to listen")
+            raise LaunchError(f"timed out waiting for the app to listen on port {port}")
         taken = now - start
         latest = min(high, max(low, taken * fraction), max(low, deadline - now))
         if hints is None:
@@ -235,7 +246,9 @@ async def wait_http(
     template: str = "",
     hints: Hints | None = None,
 ) -> None:
-    """Wait until ``url`` answers below 500; ``alive`` returns a reason once the app is gone.
+    """Wait until ``url`` answers as a ready app does (:func:`ready_answer`); ``alive`` returns
+    a reason once the app is gone. Any other answer keeps it waiting until ``deadline``, and the
+    reason then names the last answer (:func:`not_ready`).
 
     HTTP probes start only once the app listens (``wait_listening``, its first look timed by
     ``starts``, which learns how long this one took, woken by ``hints``): the first goes at once,
@@ -253,25 +266,56 @@ async def wait_http(
         reason = await alive()
         if reason is not None:
             raise LaunchError(reason)
-        if await _answers(url):
+        status = await _answer(url, seconds=_within(deadline))
+        if status is not None and ready_answer(status):
             return
         if time.monotonic() > deadline:
-            raise LaunchError("timed out waiting for the app to answer")
+            raise LaunchError(not_ready(status, parts.path))
         await anyio.sleep(interval)
         interval = min(interval * 2, longest)
 
 
-async def _answers(url: str) -> bool:
-    """Whether ``url`` answers below 500 (a probe, by its ``User-Agent``): plain HTTP through
-    :mod:`common.local_http`, a seventh of httpx's CPU; TLS through httpx."""
+def ready_answer(status: int) -> bool:
+    """Whether an app that answers ``status`` at its ready path is ready: 2xx, 3xx (a redirect to
+    its login or its UI) or 401 (it wants the credentials the user's link carries). A 404 (it does
+    not serve the base URL), a 403 (it refuses the request, as JupyterLab refuses a host name it
+    does not know) or a 5xx is not: those apps would greet the user with that very error."""
+    return 200 <= status < 400 or status == 401
+
+
+HINTS = {
+    404: "does the app serve {base_url}?",
+    403: "does the app refuse requests for the public host name "
+    "(JupyterLab: --ServerApp.allow_remote_access=True)?",
+}
+
+
+def not_ready(status: int | None, path: str) -> str:
+    """Why an app was not ready by its deadline, naming its last answer (the launcher puts the
+    time it waited after "timed out")."""
+    if status is None:
+        return "timed out waiting for the app to answer"
+    hint = HINTS.get(status, "it must answer 2xx, 3xx or 401 there")
+    return f"timed out waiting for the app to be ready: it answered {status} at {path}: {hint}"
+
+
+def _within(deadline: float) -> float:
+    """How long one probe may take: ``PROBE_TIMEOUT``, and not much past ``deadline``."""
+    return min(PROBE_TIMEOUT, max(0.05, deadline - time.monotonic()))
+
+
+async def _answer(url: str, *, seconds: float) -> int | None:
+    """The status ``url`` answers a probe (named by its ``User-Agent``) with, None when it gives
+    none: plain HTTP through :mod:`common.local_http`, a seventh of httpx's CPU; TLS through
+    httpx."""
     headers = {"User-Agent": PROBE_AGENT}
     if url.startswith("http://"):
         try:
-            return (await request(url, headers=headers, seconds=PROBE_TIMEOUT)).status < 500
+            return (await request(url, headers=headers, seconds=seconds)).status
         except RequestError:
-            return False
-    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, verify=_probe_tls(), headers=headers) as c:
+            return None
+    async with httpx.AsyncClient(timeout=seconds, verify=_probe_tls(), headers=headers) as c:
         try:
-            return (await c.get(url)).status_code < 500
+            return (await c.get(url)).status_code
         except httpx.HTTPError:
-            return False
+            return None

@@ -1,9 +1,11 @@
 "use strict";
 // The launch page: POST a launch, follow its events (or poll its status when the stream is cut),
-// open the app as soon as it is deployed, and explain a failure in plain words.
+// show the app's output while it starts, open the app as soon as it is deployed, and explain a
+// failure in plain words (the output then opens by itself).
 (() => {
   const root = document.getElementById("launch");
   const template = root.dataset.template;
+  const urlpath = root.dataset.urlpath || "";
   const base = `/applications/${encodeURIComponent(template)}`;
   const $ = (id) => document.getElementById(id);
   const PHASES = ["request", "starting", "ready"];
@@ -53,6 +55,11 @@
     $("progress-list").appendChild(item);
   }
 
+  function showOutput(lines) {
+    $("output").hidden = false;
+    $("output-lines").textContent = lines.join("\n");
+  }
+
   function retryAfterSeconds(header) {
     if (!header) return null;
     if (/^\d+$/.test(header.trim())) return Number(header.trim());
@@ -83,9 +90,20 @@
   function explainFailure(dep) {
     const reason = dep.reason || "no reason was recorded";
     const detail = `Reason given by the server: ${reason}`;
+    const output = /last output lines: /.test(reason) ? " Its last output is shown below." : "";
     let match = /exited with code (-?\d+)/.exec(reason);
     if (match) {
-      return { title: `The app exited with code ${match[1]} while starting`, text: "It stopped before it answered. The template's command or image may be broken; the operator can read its log in the console.", detail };
+      return { title: `The app exited with code ${match[1]} while starting`, text: `It stopped before it answered. The template's command or image may be broken.${output}`, detail };
+    }
+    match = /answered (\d{3}) at (\S+?):/.exec(reason);
+    if (match && match[1] === "404") {
+      return { title: "The app does not serve its address", text: `It answered 404 (not found) at ${match[2]}: the template's command must make the app serve its base URL.${output}`, detail };
+    }
+    if (match && match[1] === "403") {
+      return { title: "The app refused the request", text: `It answered 403 (forbidden) at ${match[2]}: it may refuse the public host name.${output}`, detail };
+    }
+    if (match) {
+      return { title: `The app answered ${match[1]} instead of its page`, text: `It was started but never answered as a ready app does.${output}`, detail };
     }
     if (/^timed out/.test(reason)) {
       return { title: "The app did not become ready in time", text: "It was started but never answered. Trying again may help if the service is busy.", detail };
@@ -116,6 +134,7 @@
     $("problem-text").textContent = info.text || "";
     $("problem-detail").textContent = info.detail || "";
     $("problem").hidden = false;
+    if ($("output-lines").textContent) $("output").open = true;
     const retry = $("retry");
     retry.hidden = info.retry === false;
     clearInterval(countdown);
@@ -171,9 +190,14 @@
       poll(a);
       return;
     }
-    const source = new EventSource(`${base}/${a.id}/events`);
+    const source = new EventSource(`${base}/${a.id}/events?output=1`);
     a.source = source;
     source.addEventListener("status", (event) => onStatus(a, JSON.parse(event.data)));
+    source.addEventListener("output", (event) => {
+      let data = null;
+      try { data = JSON.parse(event.data); } catch (err) { return; }
+      if (a === attempt && data && Array.isArray(data.lines)) showOutput(data.lines.map(String));
+    });
     source.addEventListener("progress", (event) => {
       let data = null;
       try { data = JSON.parse(event.data); } catch (err) { return; }
@@ -215,6 +239,9 @@
     $("problem").hidden = true;
     $("progress").hidden = true;
     $("progress-list").textContent = "";
+    $("output").hidden = true;
+    $("output").open = false;
+    $("output-lines").textContent = "";
     $("open").hidden = true;
     note("");
     for (const name of PHASES) setPhase(name, "pending");
@@ -229,7 +256,8 @@
     $("summary").textContent = "Asking the server for a launch…";
     let response;
     try {
-      response = await fetch(base, { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
+      const body = urlpath ? JSON.stringify({ urlpath }) : "{}";
+      response = await fetch(base, { method: "POST", headers: { "Content-Type": "application/json" }, body });
     } catch (err) {
       fail({ title: "The server is unreachable", text: "Check your connection, then try again.", detail: "" });
       return;

@@ -1,0 +1,253 @@
+"""The two sides of the kubernetes launch benchmark, and what they share: the floor (the backend's
+pod spec created directly through the API, timed to its first answer at the pod IP), the suite
+(launches through the deploy server), and one watch of both sides' pods."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import DeployServer
+from kubernetes import client as kclient
+from kubernetes import watch as kwatch
+
+from common.local_http import RequestError, request
+from scripts.benchmarks.shared import post_and_follow
+from services.deploy_kubernetes.backends.base import LaunchSpec
+from services.deploy_kubernetes.backends.kubernetes.objects import make_pod
+from services.deploy_kubernetes.models import Template, new_id
+
+POOL = 3
+"""Instances of the pooled phase's pool."""
+TICKS = os.sysconf("SC_CLK_TCK")
+FLOOR_POLL_SECONDS = 0.001
+"""The floor looks at a pod whose container runs this often (times the burst's size: a thousand
+connect attempts a second in all, which two cores afford beside the node's own work)."""
+
+
+class PodWatch:
+    """One watch of the bench's pods (both namespaces): when each was first seen, seen with its
+    IP and its container running, and gone, on the bench's clock."""
+
+    def __init__(self, api: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._core = kclient.CoreV1Api(api)
+        self._loop = loop
+        self.seen: dict[str, dict[str, float]] = {}
+        self.ips: dict[str, str] = {}
+        self._changed = asyncio.Event()
+        self._closing = threading.Event()
+        threading.Thread(target=self._run, name="pod watch", daemon=True).start()
+
+    def close(self) -> None:
+        self._closing.set()
+
+    def _run(self) -> None:
+        while not self._closing.is_set():
+            stream = kwatch.Watch().stream(
+                self._core.list_pod_for_all_namespaces,
+                label_selector="binder.suite",
+                timeout_seconds=60,
+            )
+            with contextlib.suppress(Exception):  # an expired watch: watch again
+                for event in stream:
+                    self._loop.call_soon_threadsafe(self._note, event, time.perf_counter())
+                    if self._closing.is_set():
+                        return
+
+    def _note(self, event: dict[str, Any], when: float) -> None:
+        pod = event["object"]
+        marks = self.seen.setdefault(pod.metadata.name, {})
+        status = pod.status
+        running = any(c.state and c.state.running for c in status.container_statuses or [])
+        if status.pod_ip and running:
+            self.ips[pod.metadata.name] = status.pod_ip
+            marks.setdefault("ip", when)
+        marks.setdefault("added", when)
+        if event["type"] == "DELETED":
+            marks.setdefault("gone", when)
+        self._changed.set()
+
+    async def until(self, names: list[str], mark: str, seconds: float = 120) -> None:
+        """Until every pod of ``names`` has ``mark``."""
+        deadline = time.perf_counter() + seconds
+        while not all(mark in self.seen.get(n, {}) for n in names):
+            self._changed.clear()
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise SystemExit(f"pods not {mark} within {seconds:g} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+
+async def _answers(ip: str, port: int, path: str) -> bool:
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(1):
+                await asyncio.get_running_loop().sock_connect(sock, (ip, port))
+        except (OSError, TimeoutError):
+            return False
+    try:
+        return (await request(f"http://{ip}:{port}{path}", seconds=2)).status < 500
+    except RequestError:
+        return False
+
+
+@dataclass
+class Launches:
+    """One side's launches of a phase: each one's seconds, the phase's wall time, and marks."""
+
+    seconds: list[float] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    marks: list[dict[str, float]] = field(default_factory=list)
+    """Per launch, its watch marks (and ``done``) in seconds from its start."""
+    cpu_ms: list[float] = field(default_factory=list)
+
+
+class Floor:
+    """Pods of the backend's own spec, created directly through the API."""
+
+    def __init__(self, api: Any, namespace: str, pods: PodWatch) -> None:
+        self._core = kclient.CoreV1Api(api)
+        self._namespace = namespace
+        self._pods = pods
+
+    async def burst(self, template: Template, n: int, out: Launches) -> None:
+        pods: list[Any] = [  # manifests as dicts, which the client takes
+            make_pod(
+                LaunchSpec(id=new_id(), template=template), namespace=self._namespace, suite="floor"
+            )
+            for _ in range(n)
+        ]
+        names = [p["metadata"]["name"] for p in pods]
+        start = time.perf_counter()
+
+        async def one(pod: Any) -> float:
+            await asyncio.to_thread(self._core.create_namespaced_pod, self._namespace, pod)
+            name = pod["metadata"]["name"]
+            await self._pods.until([name], "ip")
+            ip, path = self._pods.ips[name], f"/user/{pod['metadata']['labels']['binder.id']}/"
+            while True:
+                if await _answers(ip, template.port, path):
+                    return time.perf_counter()
+                await asyncio.sleep(FLOOR_POLL_SECONDS * n)
+
+        done = await asyncio.gather(*(one(p) for p in pods))
+        record(out, start, dict(zip(names, done, strict=True)), self._pods)
+        await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    self._core.delete_namespaced_pod, n, self._namespace, grace_period_seconds=5
+                )
+                for n in names
+            )
+        )
+        await self._pods.until(names, "gone")
+
+
+class Suite:
+    """Launches through the deploy server: POST, then its events until it leaves ``deploying``."""
+
+    def __init__(self, server: DeployServer, pods: PodWatch) -> None:
+        self.server = server
+        self._pods = pods
+
+    async def _launch(self, template: str) -> tuple[float, str, str]:
+        """(when it left ``deploying``, on the bench's clock; its id; its status then)."""
+        try:
+            code, dep_id, status = await post_and_follow(self.server.url, template)
+        except (RequestError, KeyError, ValueError) as exc:
+            return time.perf_counter(), "", f"request failed: {exc}"
+        if code != 200:
+            return time.perf_counter(), "", f"request failed: POST answered {code}"
+        return time.perf_counter(), dep_id, status
+
+    async def burst(self, template: str, n: int, out: Launches) -> None:
+        before = server_cpu_ms(self.server)
+        start = time.perf_counter()
+        launched = await asyncio.gather(*(self._launch(template) for _ in range(n)))
+        out.cpu_ms.append((server_cpu_ms(self.server) - before) / n)
+        ids = [i for _, i, _ in launched if i]
+        out.failures += [s for _, _, s in launched if s != "deployed"]
+        deployed = {f"binder-{i}": done for done, i, s in launched if s == "deployed"}
+        record(out, start, deployed, self._pods)
+        await asyncio.gather(
+            *(
+                request(
+                    f"{self.server.url}/applications/{template}/{i}",
+                    method="DELETE",
+                    headers=self.server.auth,
+                    seconds=60,
+                )
+                for i in ids
+            )
+        )
+        await self._pods.until([f"binder-{i}" for i in ids], "gone")
+
+    async def pooled(self, runs: int) -> list[float]:
+        """A pool of ``POOL`` kept full; each launch takes one (the POST alone)."""
+        await self._pool(POOL)
+        out = []
+        for _ in range(runs):
+            deadline = time.monotonic() + 120
+            while await self._ready() < POOL:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the pool did not fill within 120 s")
+                await asyncio.sleep(0.02)
+            start = time.perf_counter()
+            done, dep_id, status = await self._launch("example")
+            if status != "deployed":
+                raise SystemExit(f"a pooled launch ended {status}")
+            out.append(done - start)
+            await request(
+                f"{self.server.url}/applications/example/{dep_id}",
+                method="DELETE",
+                headers=self.server.auth,
+                seconds=60,
+            )
+        await self._pool(0)
+        return out
+
+    async def _pool(self, size: int) -> None:
+        url, auth = f"{self.server.url}/pools/example", self.server.auth
+        (await request(url, method="PUT", json={"size": size}, headers=auth, seconds=60))
+
+    async def _ready(self) -> int:
+        url, auth = f"{self.server.url}/pools/example", self.server.auth
+        return int((await request(url, headers=auth, seconds=60)).json()["ready"])
+
+    async def api_calls(self) -> dict[str, float]:
+        calls = {}
+        for line in (
+            (await request(f"{self.server.url}/metrics", seconds=10)).body.decode().splitlines()
+        ):
+            if line.startswith("binder_backend_api_calls_total{"):
+                verb = line.split('verb="', 1)[1].split('"', 1)[0]
+                calls[verb] = float(line.rsplit(" ", 1)[1])
+        return calls
+
+
+def server_cpu_ms(server: DeployServer) -> float:
+    """User + system CPU of the deploy server's process (all its threads), in milliseconds."""
+    assert server.proc is not None
+    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / TICKS
+
+
+def record(out: Launches, start: float, done: dict[str, float], pods: PodWatch) -> None:
+    """A phase's launches that started at ``start``: when each pod answered or was deployed."""
+    seconds = [d - start for d in done.values()]
+    out.seconds += seconds
+    out.walls.append(max(seconds, default=0.0))
+    for name, when in done.items():
+        marks = pods.seen.get(name, {})
+        kept = {k: v - start for k, v in marks.items() if k in ("added", "ip")}
+        out.marks.append({**kept, "done": when - start})

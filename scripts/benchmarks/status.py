@@ -1,0 +1,103 @@
+"""``scripts/bench status``: status requests per second at 32 connections against ``/health``,
+with one deploy server and with several on the shared port."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pymongo import MongoClient
+
+from scripts.benchmarks.shared import report, running_suite
+
+WRK_SCRIPT = """
+local ids = {}
+for line in io.lines("%s") do ids[#ids + 1] = line end
+local i = 0
+request = function()
+  i = i %% #ids + 1
+  return wrk.format("GET", "/applications/example/" .. ids[i])
+end
+"""
+
+
+def _wrk(url: str, seconds: int, script: Path | None = None) -> float:
+    argv = ["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    raise SystemExit(f"wrk printed no rate:\n{out}")
+
+
+WARM_UP_SECONDS = 2
+"""Unmeasured load on each endpoint first. The records were stored behind the server's back, so
+before it every record is read once: the first read of each goes to the database, and a client
+polling a deployment reads one the server already holds."""
+
+
+def _status_rps(seconds: int, servers: int) -> tuple[float, float]:
+    """(status reads/s, /health/s) of a suite with ``servers`` deploy servers."""
+    with running_suite(servers=servers) as suite:
+        ids = [f"{n:032x}" for n in range(1, 1001)]
+        now = datetime.now(UTC)
+        with MongoClient[dict[str, Any]](suite.secrets()["BINDER_DB_URI"]) as mongo:
+            mongo["binder"]["deployments"].insert_many(
+                [
+                    {
+                        "id": i,
+                        "template": "example",
+                        "status": "deleted",
+                        "created": now,
+                        "cull_timeout_ms": 3600000,
+                        "location": f"h/user/{i}",
+                        "url": f"http://h/user/{i}/",
+                        "reason": "deleted by request",
+                        "pooled": False,
+                        "backend_ref": {},
+                    }
+                    for i in ids
+                ]
+            )
+        id_file = suite.home / "ids.txt"
+        id_file.write_text("\n".join(ids) + "\n")
+        script = suite.home / "status.lua"
+        script.write_text(WRK_SCRIPT % id_file)
+        with httpx.Client(base_url=suite.url, timeout=30) as client:
+            for _ in range(servers):  # each server reads each record once
+                for i in ids:
+                    client.get(f"/applications/example/{i}").raise_for_status()
+        for url, lua in ((suite.url + "/health", None), (suite.url, script)):
+            _wrk(url, WARM_UP_SECONDS, lua)
+        health = _wrk(suite.url + "/health", seconds)
+        status = _wrk(suite.url, seconds, script)
+    return status, health
+
+
+def bench_status(seconds: int, servers: list[int]) -> None:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install -y wrk")
+    print(
+        f"status throughput at 32 connections over {seconds} s, 1,000 records stored, with "
+        f"{' and '.join(map(str, servers))} deploy server(s) (binder-control start-all); each "
+        f"measured after every record was read and a {WARM_UP_SECONDS} s warm-up"
+    )
+    figures: dict[str, float | int | str] = {}
+    for n in servers:
+        status, health = _status_rps(seconds, n)
+        figures[f"status_rps_{n}"] = status
+        figures[f"health_rps_{n}"] = health
+        figures[f"ratio_{n}"] = status / health
+    if len(servers) > 1:
+        low, high = min(servers), max(servers)
+        figures["status_scaling"] = figures[f"status_rps_{high}"] / figures[f"status_rps_{low}"]  # type: ignore[operator]
+        figures["health_scaling"] = figures[f"health_rps_{high}"] / figures[f"health_rps_{low}"]  # type: ignore[operator]
+    targets = {f"ratio_{n}": "(target >= 0.90)" for n in servers}
+    targets["status_scaling"] = "(2 servers: target >= 1.7)"
+    report("status", figures, targets)

@@ -1,0 +1,381 @@
+/* binder-sandbox: what the local backend starts every app through. Static, run by the server
+ * (as root when apps run as other users). Why it exists and what it leaves to bwrap: helper.py.
+ *
+ * Direct form (trusted templates, `[deploy.local] sandbox = false`; the app runs in place):
+ *   binder-sandbox [--as=BYTES] [--uid=UID --gid=GID] -- PROGRAM [ARGS...]
+ *     --as       RLIMIT_AS (soft and hard) set to BYTES;
+ *     --uid, --gid   no supplementary groups, then the real, effective and saved group and user
+ *                ids set and checked (root cannot be taken back); PROGRAM looked up on PATH.
+ *
+ * Parked form (sandboxed apps; made ahead of the launch, in a pool of slots):
+ *   binder-sandbox --park --cgroup=DIR... --netns=PATH
+ *     joins each cgroup DIR ("0" written to DIR/cgroup.procs: one per v1 hierarchy, one in v2),
+ *     enters the network namespace PATH (setns), writes "R" on stdout (the server waits for it
+ *     before the slot may be claimed: a cgroup renamed before the join breaks the join), then
+ *     reads its launch request from stdin to end of file: NUL-terminated words
+ *       --uid=UID --gid=GID --log=PATH --log-max=BYTES --status=PATH [--setup-fd=N]
+ *       -- /PROGRAM ARGS... "" K=V...
+ *     End of file without a request (the server went away, or dropped the slot): exit 0.
+ *     Why parked: in cgroup v1 a join costs an RCU grace period (~10 ms here) unless another
+ *     join happened in the last few ms; made ahead, the launch is a write to a pipe.
+ *   The launched app (PROGRAM: bwrap) runs as UID/GID (not 0), with no_new_privs, under a "shim":
+ *   the parked process itself, which stays the app's parent as root, ignores SIGTERM, is the
+ *   subreaper of every process of the app, copies the app's output (a pipe) into --log (opened
+ *   O_APPEND|O_NOFOLLOW, 0600) keeping it and its one predecessor PATH.1 under --log-max bytes
+ *   together (at half of it the log is renamed to PATH.1, replacing the one before, and a new
+ *   one begun, with a line saying how much older output was dropped), reaps everything, writes
+ *   "exit N" or "signal N" of its child to --status, and exits with the child's code (128+N for
+ *   signal N).
+ *   --setup-fd=N: PROGRAM is bwrap with `--json-status-fd N`, which writes "exit-code" there only
+ *   once the sandbox was set up and the app ran; a bwrap that exited 1 without it never ran the
+ *   app (its mount setup races with mounts changing on the host: bubblewrap issue #650, such as
+ *   the network namespaces of other apps coming and going), and is run again, at most
+ *   SETUP_TRIES times in all, with a line in the log.
+ *
+ * Exit 127 when PROGRAM does not exist, 126 for any other failure (a message on stderr, which in
+ * the parked form is the log). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define MAX_CGROUPS 8
+#define REQUEST_MAX (1 << 20)
+#define WORDS_MAX 8192
+#define MIN_LOG_MAX 8192
+#define SETUP_TRIES 3
+
+struct opts {
+    unsigned long long as, uid, gid, log_max;
+    int has_as, has_uid, has_gid, ncg, setup_fd;
+    const char *cgroups[MAX_CGROUPS], *netns, *log_path, *status_path;
+};
+
+static int fail(const char *what, const char *detail) {
+    fprintf(stderr, "binder-sandbox: %s%s%s: %s\n", what, detail ? " " : "", detail ? detail : "",
+            strerror(errno));
+    return 126;
+}
+
+static int number(const char *text, unsigned long long max, unsigned long long *out) {
+    char *end;
+    if (*text < '0' || *text > '9') return -1;
+    errno = 0;
+    *out = strtoull(text, &end, 10);
+    return (errno || *end || *out > max) ? -1 : 0;
+}
+
+static int write_all(int fd, const char *buf, size_t len) {
+    while (len) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Options up to "--" (*i is left on it). `park` allows the joins, `launch` the parked launch's
+ * own options, else the direct form's. */
+static int parse(char **words, int n, int *i, struct opts *o, int park, int launch) {
+    unsigned long long fd;
+    for (; *i < n && strcmp(words[*i], "--") != 0; (*i)++) {
+        char *a = words[*i];
+        if (!park && !strncmp(a, "--uid=", 6) && !number(a + 6, (uid_t)-2, &o->uid)) o->has_uid = 1;
+        else if (!park && !strncmp(a, "--gid=", 6) && !number(a + 6, (gid_t)-2, &o->gid)) o->has_gid = 1;
+        else if (!park && !launch && !strncmp(a, "--as=", 5) && !number(a + 5, RLIM_INFINITY, &o->as))
+            o->has_as = 1;
+        else if (park && !strncmp(a, "--cgroup=", 9) && a[9] == '/' && o->ncg < MAX_CGROUPS)
+            o->cgroups[o->ncg++] = a + 9;
+        else if (park && !strncmp(a, "--netns=", 8) && a[8] == '/') o->netns = a + 8;
+        else if (launch && !strncmp(a, "--log=", 6) && a[6] == '/') o->log_path = a + 6;
+        else if (launch && !strncmp(a, "--log-max=", 10) && !number(a + 10, 1ULL << 40, &o->log_max) &&
+                 o->log_max >= MIN_LOG_MAX) {
+        } else if (launch && !strncmp(a, "--status=", 9) && a[9] == '/') o->status_path = a + 9;
+        else if (launch && !strncmp(a, "--setup-fd=", 11) && !number(a + 11, 255, &fd) && fd > 2)
+            o->setup_fd = (int)fd;
+        else {
+            fprintf(stderr, "binder-sandbox: bad option %s\n", a);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int join(const struct opts *o) {
+    for (int c = 0; c < o->ncg; c++) {
+        char path[4096];
+        if (snprintf(path, sizeof path, "%s/cgroup.procs", o->cgroups[c]) >= (int)sizeof path) {
+            errno = ENAMETOOLONG;
+            return fail("cgroup", o->cgroups[c]);
+        }
+        int fd = open(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0 || write(fd, "0", 1) != 1) return fail("join cgroup", o->cgroups[c]);
+        close(fd);
+    }
+    if (o->netns) {
+        int fd = open(o->netns, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0 || setns(fd, CLONE_NEWNET)) return fail("setns", o->netns);
+        close(fd);
+    }
+    return 0;
+}
+
+/* The launch request of a parked helper: stdin to end of file, split at NULs. */
+static int read_request(char ***words_out, int *nwords) {
+    static char buf[REQUEST_MAX];
+    static char *words[WORDS_MAX];
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = read(0, buf + len, sizeof buf - 1 - len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return -1;
+        if (n == 0) break;
+        len += (size_t)n;
+        if (len >= sizeof buf - 1) {
+            errno = E2BIG;
+            return -1;
+        }
+    }
+    if (len == 0) {
+        errno = 0;
+        return -1;
+    }
+    buf[len] = 0;
+    int nw = 0;
+    for (size_t p = 0; p < len && nw < WORDS_MAX - 2; p += strlen(buf + p) + 1) words[nw++] = buf + p;
+    words[nw] = NULL;
+    *words_out = words;
+    *nwords = nw;
+    return 0;
+}
+
+/* The log and PATH.1 together stay under log_max: at half of it the log becomes PATH.1 and a new
+ * one begins. Returns the new log's descriptor (or the old one when the rotation failed). */
+static int rotate(int log, const char *path, unsigned long long *dropped) {
+    char old[4096], mark[160];
+    struct stat st;
+    if (snprintf(old, sizeof old, "%s.1", path) >= (int)sizeof old) return log;
+    if (lstat(old, &st) == 0 && S_ISREG(st.st_mode)) *dropped += (unsigned long long)st.st_size;
+    if (rename(path, old)) return log;
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) return log;
+    close(log);
+    if (*dropped) {
+        int m = snprintf(mark, sizeof mark, "[binder: log over its bound, %llu bytes of older output dropped]\n",
+                         *dropped);
+        write_all(fd, mark, (size_t)m);
+    }
+    return fd;
+}
+
+/* Copy the app's output from `in` to the log (bounded, rotated) until every writer is gone. */
+static int pump(int in, int log, const struct opts *o, unsigned long long *dropped) {
+    static char buf[65536];
+    struct stat st;
+    off_t size = fstat(log, &st) == 0 ? st.st_size : 0, half = (off_t)(o->log_max / 2);
+    for (;;) {
+        ssize_t n = read(in, buf, sizeof buf);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        if (size + n > half) {
+            log = rotate(log, o->log_path, dropped);
+            size = fstat(log, &st) == 0 ? st.st_size : 0;
+        }
+        if (write_all(log, buf, (size_t)n) == 0) size += n;
+    }
+    close(in);
+    return log;
+}
+
+/* Reap the child and every orphan of the app (this is their subreaper); the child's status. */
+static int reap(pid_t child) {
+    int status = 0;
+    for (;;) {
+        int got;
+        pid_t pid = waitpid(-1, &got, 0);
+        if (pid < 0) {
+            if (errno == EINTR) continue;
+            break; /* ECHILD: nothing of the app is left */
+        }
+        if (pid == child) status = got;
+    }
+    return status;
+}
+
+/* Whether bwrap said, on its status pipe, that the app ran ("exit-code"); every writer of the
+ * pipe is gone (everything was reaped), so this reads to its end. */
+static int app_ran(int setup) {
+    char buf[4096];
+    size_t have = 0;
+    for (;;) {
+        ssize_t n = read(setup, buf + have, sizeof buf - 1 - have);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        have += (size_t)n;
+        if (have == sizeof buf - 1) break;
+    }
+    buf[have] = 0;
+    close(setup);
+    return strstr(buf, "\"exit-code\"") != NULL;
+}
+
+static int switch_user(const struct opts *o) {
+    uid_t r, e, s;
+    gid_t rg, eg, sg;
+    if (setgroups(0, NULL)) return fail("setgroups", NULL);
+    if (setresgid((gid_t)o->gid, (gid_t)o->gid, (gid_t)o->gid)) return fail("setresgid", NULL);
+    if (setresuid((uid_t)o->uid, (uid_t)o->uid, (uid_t)o->uid)) return fail("setresuid", NULL);
+    if (getresuid(&r, &e, &s) || r != o->uid || e != o->uid || s != o->uid) return fail("getresuid", NULL);
+    if (getresgid(&rg, &eg, &sg) || rg != o->gid || eg != o->gid || sg != o->gid)
+        return fail("getresgid", NULL);
+    if (getgroups(0, NULL) != 0) return fail("getgroups", NULL);
+    if (o->uid != 0 && setuid(0) == 0) {
+        fprintf(stderr, "binder-sandbox: root could be taken back\n");
+        return 126;
+    }
+    return 0;
+}
+
+static int run(char **argv, char **envp, int path_lookup) {
+    if (path_lookup) {
+        environ = envp;
+        execvp(argv[0], argv);
+    } else {
+        execve(argv[0], argv, envp);
+    }
+    fprintf(stderr, "binder-sandbox: %s: %s\n", argv[0], strerror(errno));
+    return errno == ENOENT ? 127 : 126;
+}
+
+/* Fork the app: its output to a pipe (*out: the read end), bwrap's status to another (*setup),
+ * as the app's user with no_new_privs. The child's pid, or -1. */
+static pid_t start(const struct opts *o, char **argv, char **envp, int *out, int *setup) {
+    int pipefd[2], setupfd[2] = {-1, -1};
+    if (pipe2(pipefd, O_CLOEXEC)) return fail("pipe", NULL), -1;
+    if (o->setup_fd && pipe2(setupfd, O_CLOEXEC)) return fail("pipe", NULL), -1;
+    pid_t child = fork();
+    if (child < 0) return fail("fork", NULL), -1;
+    if (child == 0) {
+        if (dup2(pipefd[1], 1) < 0 || dup2(pipefd[1], 2) < 0) _exit(fail("dup2", NULL));
+        if (o->setup_fd && dup2(setupfd[1], o->setup_fd) < 0) _exit(fail("dup2", NULL));
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) _exit(fail("no_new_privs", NULL));
+        if (switch_user(o)) _exit(126);
+        _exit(run(argv, envp, 0));
+    }
+    close(pipefd[1]);
+    *out = pipefd[0];
+    if (o->setup_fd) close(setupfd[1]);
+    *setup = setupfd[0];
+    return child;
+}
+
+/* The parked form's launch: log and status opened, the app forked (again while its sandbox
+ * could not be set up, with --setup-fd), its output copied, everything reaped, the status
+ * written. This process is the shim. */
+static int launch(const struct opts *o, char **argv, char **envp) {
+    int status_fd, null, out, setup, status = 0;
+    unsigned long long dropped = 0;
+    int log = open(o->log_path, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (log < 0) return fail("open", o->log_path);
+    null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null < 0 || dup2(null, 0) < 0 || dup2(log, 2) < 0) return fail("dup2", NULL);
+    status_fd = open(o->status_path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (status_fd < 0) return fail("open", o->status_path);
+    /* orphans of the app (bwrap's pid 1 when its monitor is killed first) come to the shim, not
+     * to the host's init, which may be slow to reap them */
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) return fail("subreaper", NULL);
+    for (int tries = 1;; tries++) {
+        pid_t child = start(o, argv, envp, &out, &setup);
+        if (child < 0) return 126;
+        if (tries == 1) {
+            /* best effort, after the fork (the app must not inherit it): needs CAP_SYS_RESOURCE */
+            int oom = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+            if (oom >= 0) {
+                write_all(oom, "-1000", 5);
+                close(oom);
+            }
+            signal(SIGTERM, SIG_IGN);
+            signal(SIGPIPE, SIG_IGN);
+            dup2(null, 1);
+            dup2(null, 2);
+        }
+        log = pump(out, log, o, &dropped);
+        status = reap(child);
+        /* bwrap's own failure is exit 1 (a bwrap killed, by a stop or the OOM killer, is not) */
+        int unset = o->setup_fd && WIFEXITED(status) && WEXITSTATUS(status) == 1;
+        if (o->setup_fd && (app_ran(setup) || !unset)) break;
+        if (!o->setup_fd || tries == SETUP_TRIES) break;
+        static const char again[] = "[binder: the sandbox could not be set up; trying again]\n";
+        write_all(log, again, sizeof again - 1);
+    }
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    char line[64];
+    int m = WIFEXITED(status) ? snprintf(line, sizeof line, "exit %d\n", code)
+                              : snprintf(line, sizeof line, "signal %d\n", WTERMSIG(status));
+    write_all(status_fd, line, (size_t)m);
+    close(status_fd);
+    return code;
+}
+
+static int parked(int argc, char **argv) {
+    struct opts o;
+    char **words;
+    int n, i = 2;
+    memset(&o, 0, sizeof o);
+    if (parse(argv, argc, &i, &o, 1, 0) || i != argc || !o.ncg || !o.netns) {
+        fprintf(stderr, "usage: binder-sandbox --park --cgroup=DIR... --netns=PATH\n");
+        return 126;
+    }
+    if (join(&o)) return 126;
+    if (write(1, "R", 1) != 1) return fail("ready", NULL);
+    if (read_request(&words, &n)) return errno == 0 ? 0 : fail("launch request", NULL);
+    i = 0;
+    if (parse(words, n, &i, &o, 0, 1)) return 126;
+    char **envp = words + n; /* the argv ends at "", the environment follows */
+    for (int k = i + 1; k < n; k++)
+        if (!words[k][0]) {
+            words[k] = NULL;
+            envp = words + k + 1;
+            break;
+        }
+    if (i + 1 >= n || !words[i + 1] || words[i + 1][0] != '/' || !o.has_uid || !o.has_gid ||
+        !o.uid || !o.gid || !o.log_path || !o.log_max || !o.status_path) {
+        fprintf(stderr, "binder-sandbox: bad launch request (--uid --gid not 0, --log "
+                        "--log-max --status, -- /PROGRAM)\n");
+        return 126;
+    }
+    return launch(&o, words + i + 1, envp);
+}
+
+int main(int argc, char **argv) {
+    struct opts o;
+    int i = 1;
+    if (argc > 1 && !strcmp(argv[1], "--park")) return parked(argc, argv);
+    memset(&o, 0, sizeof o);
+    if (parse(argv, argc, &i, &o, 0, 0) || i + 1 >= argc || o.has_uid != o.has_gid) {
+        fprintf(stderr, "usage: binder-sandbox [--as=BYTES] [--uid=UID --gid=GID] -- PROGRAM...\n"
+                        "       binder-sandbox --park --cgroup=DIR... --netns=PATH\n");
+        return 126;
+    }
+    if (o.has_as) {
+        struct rlimit limit = {(rlim_t)o.as, (rlim_t)o.as};
+        if (setrlimit(RLIMIT_AS, &limit)) return fail("setrlimit", NULL);
+    }
+    if (o.has_uid && switch_user(&o)) return 126;
+    return run(argv + i + 1, environ, 1);
+}
