@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,9 +10,11 @@ from fakes import FakeBackend, FakeProxy, FakeStore, FakeWindows
 from harness import wait_for
 from starlette.testclient import TestClient
 
+from common.errors import BadDatabaseError
 from common.settings import load_settings
 from services.deploy_kubernetes.app import create_app
 from services.deploy_kubernetes.backends.base import Observed, State
+from services.deploy_kubernetes.store.base import Event
 
 KEY = "k" * 32
 
@@ -307,3 +309,43 @@ def test_the_list_pages_ended_deployments_with_a_link_to_the_older_ones(
     assert "link" not in older.headers, "the last page names no next"
     assert client.get("/applications/example?limit=0", headers=key).status_code == 422
     assert client.get("/applications/example?cursor=x", headers=key).status_code == 422
+
+
+class _OpensLate(FakeStore):
+    """A database that answers pings but fails the first opening of the records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opens = 0
+        self.followers = 0
+
+    async def open(self) -> None:
+        self.opens += 1
+        if self.opens == 1:
+            raise BadDatabaseError("database unreachable: not yet")
+        await super().open()
+
+    async def events(self) -> AsyncIterator[Event]:
+        self.followers += 1
+        async for event in super().events():
+            yield event
+
+
+def test_a_start_retried_after_the_database_failed_follows_the_changes_once(
+    tmp_path: Path,
+) -> None:
+    """Each follower applies every change: two would apply each twice."""
+    store = _OpensLate()
+    settings = load_settings(home=tmp_path, environ={"BINDER_API_KEY": KEY})
+    app = create_app(
+        settings,
+        backend=FakeBackend(),
+        store=store,
+        windows=FakeWindows(),
+        proxy=FakeProxy(),
+        keeper_interval=0.05,
+    )
+    with TestClient(app) as c:
+        wait_for(lambda: c.get("/health").status_code == 200, timeout=10, what="ready")
+        assert store.opens == 2
+        assert store.followers == 1

@@ -466,7 +466,8 @@ class Deployer:
             try:
                 await self._store.ping()
                 await self._leases.beat(self.server)  # not taken for gone by a leader
-                self._supervisor.run("follow", self.follow)
+                if "follow" not in self._supervisor.loops:  # once, though a later step failed
+                    self._supervisor.run("follow", self.follow)
                 await self._records.open()
                 await self._catalog.load(read_template_files(self._options.templates_dir))
                 break
