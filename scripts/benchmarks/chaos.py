@@ -103,6 +103,7 @@ class Suite:
         self.leader_moves = 0
         self.proxy_url = f"http://127.0.0.1:{self.ports['proxy']}"
         self.key = ""
+        self.last_health = "not asked yet"
 
     def control(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -129,10 +130,14 @@ class Suite:
         return _suite_apps(self.home / "run" / "local")
 
     def ready(self) -> bool:
+        """Whether /health answers 200; what it answered last is kept in ``last_health``."""
         try:
-            return httpx.get(self.url + "/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
+            answer = httpx.get(self.url + "/health", timeout=2)
+        except httpx.HTTPError as exc:
+            self.last_health = f"{exc.__class__.__name__}: {exc}"
             return False
+        self.last_health = f"{answer.status_code} {answer.text[:400]}"
+        return answer.status_code == 200
 
     def leader(self) -> str | None:
         """The supervisord name of the deploy server that holds the leader lease."""
@@ -208,7 +213,11 @@ def inject(suite: Suite, pids: dict[str, int], fault: str, freeze_seconds: float
 
 
 def recover_time(suite: Suite, started: float, deadline: float = 60.0) -> float:
-    wait_for(suite.ready, timeout=deadline, what="the deploy server to be ready again")
+    try:
+        wait_for(suite.ready, timeout=deadline, what="the deploy server to be ready again")
+    except AssertionError:  # wait_for's timeout
+        print(f"chaos: /health last answered: {suite.last_health}", flush=True)
+        raise
     return time.monotonic() - started
 
 
