@@ -2,9 +2,9 @@
 its launches through the suite.
 
 JupyterLab alone is the template's own command (``configs/templates/jupyter.toml``), started as
-the local backend starts it (through ``binder-run-as``, as the apps' user, with its memory limit,
-a fresh 0700 ``HOME``, its token in the environment) but with no suite at all, and polled from
-the spawn: its first answer at its base URL (what a user's browser would get), and its first 200
+an unsandboxed local app starts (through ``binder-sandbox``'s direct form, as the apps' user,
+a fresh 0700 ``HOME``, its token in the environment) but with no suite and no sandbox, and
+polled from the spawn: its first answer at its base URL (what a user's browser would get), and its first 200
 at its ``ready-path`` (``api``: when the suite calls it ready). Launches (POST to ``deployed``,
 followed on the events stream) run one at a time, in pairs with a run of JupyterLab alone (every
 other pair the other way round), each begun once the machine is quiet, so both see the same
