@@ -93,11 +93,13 @@ def launch_request(
     argv: list[str],
     env: dict[str, str],
     setup_fd: int | None = None,
+    reach: list[Path] | None = None,
 ) -> bytes:
     """What a parked helper reads from its stdin to launch ``argv`` (bwrap and the app) as
     ``uid`` (its gid too): NUL-terminated words, the environment after an empty one.
     ``setup_fd``: bwrap's ``--json-status-fd``, so that a sandbox that could not be set up is
-    made again."""
+    made again. ``reach``: folders the app runs from that the helper makes reachable for it
+    (:func:`closed_to_others`)."""
     words = [
         f"--uid={uid}",
         f"--gid={uid}",
@@ -105,6 +107,7 @@ def launch_request(
         f"--log-max={log_max}",
         f"--status={status}",
         *([f"--setup-fd={setup_fd}"] if setup_fd is not None else []),
+        *(f"--reach={folder}" for folder in reach or ()),
         "--",
         *argv,
         "",
@@ -182,6 +185,19 @@ def bwrap_args(
             continue
         args += ["--perms", "0000", "--size", "4096", "--tmpfs", str(folder)]
     return [*args, "--chdir", APP_HOME]
+
+
+def closed_to_others(
+    folders: list[Path], reachable: Callable[[Path], bool] | None = None
+) -> list[Path]:
+    """The folders of ``folders`` (the suite's installation) that the apps' users cannot reach
+    (a clone in a 0700 ``mktemp -d`` folder, a checkout in root's home), outermost ones only:
+    bwrap, run as the app's user, could not show them, so the parked helper makes them
+    reachable in the app's own mount namespace first (its ``--reach``)."""
+    reachable = reachable or reachable_by_others
+    real = sorted({Path(os.path.realpath(f)) for f in folders})
+    outer = [f for f in real if not any(o != f and o in f.parents for o in real)]
+    return [f for f in outer if f.is_dir() and not reachable(f)]
 
 
 def reachable_by_others(path: Path) -> bool:

@@ -14,7 +14,7 @@
  *     before the slot may be claimed: a cgroup renamed before the join breaks the join), then
  *     reads its launch request from stdin to end of file: NUL-terminated words
  *       --uid=UID --gid=GID --log=PATH --log-max=BYTES --status=PATH [--setup-fd=N]
- *       -- /PROGRAM ARGS... "" K=V...
+ *       [--reach=/DIR...] -- /PROGRAM ARGS... "" K=V...
  *     End of file without a request (the server went away, or dropped the slot): exit 0.
  *     Why parked: in cgroup v1 a join costs an RCU grace period (~10 ms here) unless another
  *     join happened in the last few ms; made ahead, the launch is a write to a pipe.
@@ -31,6 +31,12 @@
  *   app (its mount setup races with mounts changing on the host: bubblewrap issue #650, such as
  *   the network namespaces of other apps coming and going), and is run again, at most
  *   SETUP_TRIES times in all, with a line in the log.
+ *   --reach=DIR: a folder the app runs from (the suite's installation) under a folder others
+ *   cannot search (a clone in a 0700 mktemp folder, a checkout in root's home): bwrap, which
+ *   runs as the app's user, could not bind it. The app's process gets a mount namespace of its
+ *   own before it becomes the app's user, with a tmpfs (0755) over the topmost such folder and
+ *   DIR bound back in it; bwrap's view of the system is made from that namespace. Nothing else
+ *   of the closed folder is shown, and the host's mounts are not touched.
  *
  * Exit 127 when PROGRAM does not exist, 126 for any other failure (a message on stderr, which in
  * the parked form is the log). */
@@ -43,6 +49,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -55,11 +62,12 @@
 #define WORDS_MAX 8192
 #define MIN_LOG_MAX 8192
 #define SETUP_TRIES 3
+#define MAX_REACH 4
 
 struct opts {
     unsigned long long as, uid, gid, log_max;
-    int has_as, has_uid, has_gid, ncg, setup_fd;
-    const char *cgroups[MAX_CGROUPS], *netns, *log_path, *status_path;
+    int has_as, has_uid, has_gid, ncg, setup_fd, nreach;
+    const char *cgroups[MAX_CGROUPS], *netns, *log_path, *status_path, *reach[MAX_REACH];
 };
 
 static int fail(const char *what, const char *detail) {
@@ -108,6 +116,8 @@ static int parse(char **words, int n, int *i, struct opts *o, int park, int laun
         } else if (launch && !strncmp(a, "--status=", 9) && a[9] == '/') o->status_path = a + 9;
         else if (launch && !strncmp(a, "--setup-fd=", 11) && !number(a + 11, 255, &fd) && fd > 2)
             o->setup_fd = (int)fd;
+        else if (launch && !strncmp(a, "--reach=", 8) && a[8] == '/' && o->nreach < MAX_REACH)
+            o->reach[o->nreach++] = a + 8;
         else {
             fprintf(stderr, "binder-sandbox: bad option %s\n", a);
             return -1;
@@ -251,6 +261,56 @@ static int switch_user(const struct opts *o) {
     return 0;
 }
 
+/* The length of the topmost folder above `path` (or `path` itself) that others cannot search,
+ * 0 when every one can be. */
+static size_t closed_prefix(const char *path) {
+    char part[4096];
+    struct stat st;
+    size_t len = strlen(path);
+    if (len >= sizeof part) return 0;
+    for (size_t end = 1; end <= len; end++) {
+        if (end < len && path[end] != '/') continue;
+        memcpy(part, path, end);
+        part[end] = 0;
+        if (stat(part, &st) == 0 && !(st.st_mode & S_IXOTH)) return end;
+    }
+    return 0;
+}
+
+/* See --reach above. Runs as root in the app's process, before it becomes the app's user. */
+static int make_reachable(const struct opts *o) {
+    int fds[MAX_REACH];
+    size_t closed[MAX_REACH];
+    if (unshare(CLONE_NEWNS)) return fail("unshare", "mount namespace");
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL)) return fail("mount", "private /");
+    for (int r = 0; r < o->nreach; r++) { /* in the new namespace (a bind's source must be) */
+        closed[r] = closed_prefix(o->reach[r]);
+        fds[r] = open(o->reach[r], O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (fds[r] < 0) return fail("open", o->reach[r]);
+    }
+    for (int r = 0; r < o->nreach; r++) {
+        char path[4096], source[64];
+        if (!closed[r]) continue;
+        snprintf(path, sizeof path, "%s", o->reach[r]);
+        path[closed[r]] = 0;
+        if (mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=65536"))
+            return fail("mount tmpfs", path);
+        snprintf(path, sizeof path, "%s", o->reach[r]);
+        size_t len = strlen(path);
+        for (size_t end = closed[r] + 1; end <= len; end++) { /* the folders down to DIR */
+            if (end < len && path[end] != '/') continue;
+            char keep = path[end];
+            path[end] = 0;
+            if ((mkdir(path, 0755) && errno != EEXIST) || chmod(path, 0755)) return fail("mkdir", path);
+            path[end] = keep;
+        }
+        snprintf(source, sizeof source, "/proc/self/fd/%d", fds[r]);
+        if (mount(source, o->reach[r], NULL, MS_BIND | MS_REC, NULL)) return fail("bind", o->reach[r]);
+        close(fds[r]);
+    }
+    return 0;
+}
+
 static int run(char **argv, char **envp, int path_lookup) {
     if (path_lookup) {
         environ = envp;
@@ -273,6 +333,7 @@ static pid_t start(const struct opts *o, char **argv, char **envp, int *out, int
     if (child == 0) {
         if (dup2(pipefd[1], 1) < 0 || dup2(pipefd[1], 2) < 0) _exit(fail("dup2", NULL));
         if (o->setup_fd && dup2(setupfd[1], o->setup_fd) < 0) _exit(fail("dup2", NULL));
+        if (o->nreach && make_reachable(o)) _exit(126);
         if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) _exit(fail("no_new_privs", NULL));
         if (switch_user(o)) _exit(126);
         _exit(run(argv, envp, 0));

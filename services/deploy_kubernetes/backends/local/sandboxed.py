@@ -70,6 +70,7 @@ from services.deploy_kubernetes.backends.local.helper import (
     Sizes,
     bwrap,
     bwrap_args,
+    closed_to_others,
     launch_request,
     reachable_by_others,
 )
@@ -192,6 +193,7 @@ class SandboxedBackend:
         )
         self._hidden = [p for p in (home, state_dir, log_dir, *hidden) if p is not None]
         self._bwrap: list[str] = []
+        self._reach: list[Path] = []
         self._apps: dict[str, App] = {}
         self._stopping: set[str] = set()
         self._starts = StartTimes()
@@ -217,6 +219,7 @@ class SandboxedBackend:
                 shown=[INSTALLATION, Path(sys.prefix)],
             ),
         ]
+        self._reach = closed_to_others([INSTALLATION, Path(sys.prefix)])
         try:
             await anyio.to_thread.run_sync(self._prepare)
         except (CgroupError, NetworkError, OSError) as exc:
@@ -480,6 +483,7 @@ class SandboxedBackend:
             argv=[*self._bwrap, "--", *argv],
             env=env,
             setup_fd=SETUP_FD,
+            reach=self._reach,
         )
         view = memoryview(request)
         while view:
