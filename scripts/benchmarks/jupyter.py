@@ -32,7 +32,11 @@ from common.settings import LocalSettings
 from scripts.benchmarks import launch
 from scripts.benchmarks.shared import ROOT, Suite, pct, running_suite
 from services.deploy_kubernetes.backends.base import LaunchSpec
-from services.deploy_kubernetes.backends.local.helper import direct_words
+from services.deploy_kubernetes.backends.local.helper import (
+    closed_to_others,
+    direct_words,
+    installation,
+)
 from services.deploy_kubernetes.backends.local.users import app_user
 from services.deploy_kubernetes.models import new_id, parse_template
 
@@ -60,7 +64,7 @@ async def alone() -> tuple[float, float]:
         os.chown(home, user.uid, user.gid)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), **spec.environment(port=port, python="")}
     argv = [  # as the apps' user; its memory is not limited (a cgroup limits it in the suite)
-        *direct_words(None, user),
+        *direct_words(None, user, closed_to_others(installation()) if user else None),
         *(spec.substitute(w, port=port, python="") for w in template.command),
     ]
     base = f"http://127.0.0.1:{port}{spec.base_url}"

@@ -6,8 +6,11 @@ network namespace) is held by the integration tests of the sandbox."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import pytest
 from services.deploy_kubernetes.backends.local.helper import (
     Sizes,
     bwrap_args,
+    closed_to_others,
     direct_words,
     helper,
     launch_request,
@@ -147,3 +151,32 @@ def test_bwrap_shows_the_suites_installation_where_a_private_folder_would_cover_
         "--perms", "0000", "--size", "4096", "--tmpfs", "/home/op/binder/home",
         "--chdir", "/home/app",
     ]  # fmt: skip
+
+
+def test_a_trusted_app_of_another_user_runs_from_a_folder_closed_to_it(tmp_path: Path) -> None:
+    """The direct form's ``--reach``: an unsandboxed app run as the apps' user runs the suite's
+    code from a checkout under a 0700 folder (a ``mktemp -d`` clone), shown in a mount namespace
+    of the app's own; without it the app cannot even be started."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the helper switches to another user and makes a mount namespace")
+    closed = Path(tempfile.mkdtemp(prefix="binder-closed-"))  # 0700, owned by root
+    try:
+        checkout = closed / "checkout"
+        checkout.mkdir()
+        checkout.chmod(0o755)
+        app = checkout / "app"
+        app.write_text("#!/bin/sh\necho running as $(id -u)\n")
+        app.chmod(0o755)
+        user = AppUser("app", 260003, 260003)
+        reach = closed_to_others([checkout])
+        assert reach == [checkout]
+        shut = subprocess.run([*direct_words(None, user), str(app)], capture_output=True, text=True)
+        assert shut.returncode == 126, shut  # what --reach is for
+        run = subprocess.run(
+            [*direct_words(None, user, reach), str(app)], capture_output=True, text=True
+        )
+        assert (run.returncode, run.stdout) == (0, "running as 260003\n"), run
+        assert closed.stat().st_mode & 0o777 == 0o700  # the host's folder as it was
+        assert str(closed) not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        shutil.rmtree(closed)

@@ -53,7 +53,11 @@ from services.deploy_kubernetes.backends.local.folders import (
     private_dir,
     workdir_root,
 )
-from services.deploy_kubernetes.backends.local.helper import direct_words
+from services.deploy_kubernetes.backends.local.helper import (
+    closed_to_others,
+    direct_words,
+    installation,
+)
 from services.deploy_kubernetes.backends.local.spawn import Child, spawn
 from services.deploy_kubernetes.backends.local.state import PidFiles, still_running, suite_label
 from services.deploy_kubernetes.backends.local.users import AppUser
@@ -95,6 +99,8 @@ class LocalBackend:
         self._pids = PidFiles(state_dir)
         self._log_dir = log_dir
         self._user = user
+        self._reach = closed_to_others(installation()) if user is not None else []
+        """The installation's folders an app run as ``user`` could not reach without help."""
         self._workdirs = Workdirs(workdirs or workdir_root(LocalSettings()), user)
         self._home = home
         self._host = host
@@ -235,7 +241,7 @@ class LocalBackend:
             # the helper would fail to run it: say so now, as a failed spawn does
             raise LaunchError(f"could not start {argv[0]!r}: no such program")
         try:
-            before = direct_words(limit, self._user)
+            before = direct_words(limit, self._user, self._reach)
         except ConfigError as exc:
             raise LaunchError(exc.message) from exc
         start = functools.partial(spawn, [*before, *argv], env=env, cwd=workdir, output=log_path)

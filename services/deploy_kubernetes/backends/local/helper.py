@@ -36,6 +36,15 @@ from pathlib import Path
 from common.errors import ConfigError
 from services.deploy_kubernetes.backends.local.users import AppUser
 
+INSTALLATION = Path(__file__).resolve().parents[4]
+"""The suite's checkout, whose code apps of its own templates run (``{python} -m ...``)."""
+
+
+def installation() -> list[Path]:
+    """The folders apps run the suite's own code and interpreter from."""
+    return [INSTALLATION, Path(sys.prefix)]
+
+
 SETUP_FD = 3
 """The descriptor bwrap writes its status to (``--json-status-fd``), which binder-sandbox reads to
 tell a sandbox that could not be set up (run again) from an app that ran and ended."""
@@ -70,12 +79,15 @@ def bwrap() -> str:
     return found
 
 
-def direct_words(limit: int | None, user: AppUser | None) -> list[str]:
+def direct_words(
+    limit: int | None, user: AppUser | None, reach: list[Path] | None = None
+) -> list[str]:
     """The words before a trusted app's command that set its memory ``limit`` (bytes of address
-    space) and switch to ``user``."""
+    space), make ``reach`` reachable (:func:`closed_to_others`) and switch to ``user``."""
     out = [helper(), *([f"--as={limit}"] if limit else [])]
     if user is not None:
         out += [f"--uid={user.uid}", f"--gid={user.gid}"]
+    out += [f"--reach={folder}" for folder in reach or ()]
     return [*out, "--"]
 
 

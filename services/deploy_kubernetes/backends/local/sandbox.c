@@ -2,10 +2,11 @@
  * (as root when apps run as other users). Why it exists and what it leaves to bwrap: helper.py.
  *
  * Direct form (trusted templates, `[deploy.local] sandbox = false`; the app runs in place):
- *   binder-sandbox [--as=BYTES] [--uid=UID --gid=GID] -- PROGRAM [ARGS...]
+ *   binder-sandbox [--as=BYTES] [--uid=UID --gid=GID] [--reach=/DIR...] -- PROGRAM [ARGS...]
  *     --as       RLIMIT_AS (soft and hard) set to BYTES;
  *     --uid, --gid   no supplementary groups, then the real, effective and saved group and user
- *                ids set and checked (root cannot be taken back); PROGRAM looked up on PATH.
+ *                ids set and checked (root cannot be taken back); PROGRAM looked up on PATH;
+ *     --reach    as in the parked form below (an app run as another user runs from DIR).
  *
  * Parked form (sandboxed apps; made ahead of the launch, in a pool of slots):
  *   binder-sandbox --park --cgroup=DIR... --netns=PATH
@@ -116,7 +117,7 @@ static int parse(char **words, int n, int *i, struct opts *o, int park, int laun
         } else if (launch && !strncmp(a, "--status=", 9) && a[9] == '/') o->status_path = a + 9;
         else if (launch && !strncmp(a, "--setup-fd=", 11) && !number(a + 11, 255, &fd) && fd > 2)
             o->setup_fd = (int)fd;
-        else if (launch && !strncmp(a, "--reach=", 8) && a[8] == '/' && o->nreach < MAX_REACH)
+        else if (!park && !strncmp(a, "--reach=", 8) && a[8] == '/' && o->nreach < MAX_REACH)
             o->reach[o->nreach++] = a + 8;
         else {
             fprintf(stderr, "binder-sandbox: bad option %s\n", a);
@@ -429,10 +430,12 @@ int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "--park")) return parked(argc, argv);
     memset(&o, 0, sizeof o);
     if (parse(argv, argc, &i, &o, 0, 0) || i + 1 >= argc || o.has_uid != o.has_gid) {
-        fprintf(stderr, "usage: binder-sandbox [--as=BYTES] [--uid=UID --gid=GID] -- PROGRAM...\n"
+        fprintf(stderr, "usage: binder-sandbox [--as=BYTES] [--uid=UID --gid=GID] [--reach=DIR] -- "
+                        "PROGRAM...\n"
                         "       binder-sandbox --park --cgroup=DIR... --netns=PATH\n");
         return 126;
     }
+    if (o.nreach && make_reachable(&o)) return 126;
     if (o.has_as) {
         struct rlimit limit = {(rlim_t)o.as, (rlim_t)o.as};
         if (setrlimit(RLIMIT_AS, &limit)) return fail("setrlimit", NULL);

@@ -71,6 +71,7 @@ from services.deploy_kubernetes.backends.local.helper import (
     bwrap,
     bwrap_args,
     closed_to_others,
+    installation,
     launch_request,
     reachable_by_others,
 )
@@ -88,8 +89,6 @@ from services.deploy_kubernetes.errors import BadBackendError, BinderError, Laun
 from services.deploy_kubernetes.models import Template, cpu_cores, memory_bytes
 
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
-INSTALLATION = Path(__file__).resolve().parents[4]
-"""The suite's checkout, whose code apps of its own templates run (``{python} -m ...``)."""
 STOP_GRACE_SECONDS = 5.0
 SWEEP_SECONDS = 5.0
 """How often apps another server ended are looked for (a stat of each ended app's cgroup)."""
@@ -216,10 +215,10 @@ class SandboxedBackend:
                 hidden=self._hidden,
                 sizes=Sizes(),
                 reachable=reachable_by_others,
-                shown=[INSTALLATION, Path(sys.prefix)],
+                shown=installation(),
             ),
         ]
-        self._reach = closed_to_others([INSTALLATION, Path(sys.prefix)])
+        self._reach = closed_to_others(installation())
         try:
             await anyio.to_thread.run_sync(self._prepare)
         except (CgroupError, NetworkError, OSError) as exc:
