@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from harness import DeployServer, seed_history, wait_for
+from harness import Database, DeployServer, seed_history, wait_for
 from pymongo import MongoClient
 
 RECORDS = 100_000
@@ -28,9 +28,11 @@ def _timed(server: DeployServer, path: str, **kwargs: Any) -> tuple[httpx.Respon
 
 
 def test_the_list_answers_at_the_cost_of_a_page_over_a_long_history(
-    deploy_factory: Callable[..., DeployServer],
+    own_db: Database, deploy_factory: Callable[..., DeployServer]
 ) -> None:
-    server = deploy_factory(history_days=3650)  # retention keeps all of them
+    # a database of its own: the 100,000 records seeded neither weigh on the tests after this
+    # one nor meet what earlier tests left in the session's database
+    server = deploy_factory(db=own_db, history_days=3650)  # retention keeps all of them
     start = datetime.now(UTC) - timedelta(days=40)
     seed_history(server.db.uri, _database(server), count=RECORDS, start=start)
     server.start()
