@@ -6,13 +6,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeBackend, FakeProxy, FakeStore, FakeWindows
+from fakes import FakeBackend, FakeProxy, FakeStore
 from harness import wait_for
+from served import Parts, ended_launch, fake_parts, served
 from starlette.testclient import TestClient
 
 from common.errors import BadDatabaseError
-from common.settings import load_settings
-from services.deploy_kubernetes.app import create_app
 from services.deploy_kubernetes.backends.base import Observed, State
 from services.deploy_kubernetes.store.base import Event
 
@@ -20,46 +19,26 @@ KEY = "k" * 32
 
 
 @pytest.fixture
-def parts() -> tuple[FakeStore, FakeBackend, FakeProxy]:
-    return FakeStore(), FakeBackend(), FakeProxy()
+def parts() -> Parts:
+    return fake_parts()
 
 
 @pytest.fixture
-def client(tmp_path: Path, parts: tuple[FakeStore, FakeBackend, FakeProxy]) -> Iterator[TestClient]:
-    store, backend, proxy = parts
-    settings = load_settings(
-        home=tmp_path,
-        environ={
-            "BINDER_API_KEY": KEY,
-            "BINDER_PROXY_PUBLIC_HOST": "hub.example:8000",
-            "BINDER_DEPLOY_MAX_DEPLOYMENTS": "3",
-        },
-    )
-    app = create_app(
-        settings,
-        backend=backend,
-        store=store,
-        windows=FakeWindows(),
-        proxy=proxy,
-        keeper_interval=0.05,
-    )
-    with TestClient(app) as c:
-        wait_for(lambda: c.get("/health").status_code == 200, timeout=5, what="ready")
+def client(tmp_path: Path, parts: Parts) -> Iterator[TestClient]:
+    environ = {
+        "BINDER_API_KEY": KEY,
+        "BINDER_PROXY_PUBLIC_HOST": "hub.example:8000",
+        "BINDER_DEPLOY_MAX_DEPLOYMENTS": "3",
+    }
+    with served(parts, home=tmp_path, environ=environ) as c:
         yield c
 
 
 def _deployed(client: TestClient, dep_id: str) -> dict[str, object]:
-    def check() -> dict[str, object] | None:
-        data = client.get(f"/applications/example/{dep_id}").json()
-        return data if data["status"] != "deploying" else None
-
-    result: dict[str, object] = wait_for(check, timeout=5, what="the launch to end")
-    return result
+    return ended_launch(client, dep_id)
 
 
-def test_launch_answers_id_then_location_without_scheme(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
-) -> None:
+def test_launch_answers_id_then_location_without_scheme(client: TestClient, parts: Parts) -> None:
     response = client.post("/applications/example")
     assert response.status_code == 200
     dep_id = response.json()["id"]
@@ -72,9 +51,7 @@ def test_launch_answers_id_then_location_without_scheme(
     assert proxy.table[f"/user/{dep_id}"].target == f"http://fake/{dep_id}"
 
 
-def test_failed_launch_has_reason_and_is_cleaned_up(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
-) -> None:
+def test_failed_launch_has_reason_and_is_cleaned_up(client: TestClient, parts: Parts) -> None:
     _, backend, proxy = parts
     backend.fail_with = "image pull failed: no such image"
     dep_id = client.post("/applications/", json={"template-name": "example"}).json()["id"]
@@ -85,7 +62,7 @@ def test_failed_launch_has_reason_and_is_cleaned_up(
 
 
 def test_an_app_that_exits_before_its_record_lands_fails_with_its_own_reason(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+    client: TestClient, parts: Parts
 ) -> None:
     # the backend tells of the exit while the launch's insert is still on its way: the app is
     # the launch's, not one without a record, and its exit code must reach the reason
@@ -98,9 +75,7 @@ def test_an_app_that_exits_before_its_record_lands_fails_with_its_own_reason(
     assert backend.calls.count(("stop", dep_id)) == 1  # once, after the failure was written
 
 
-def test_delete_writes_status_before_stopping(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
-) -> None:
+def test_delete_writes_status_before_stopping(client: TestClient, parts: Parts) -> None:
     store, backend, _ = parts
     dep_id = client.post("/applications/example").json()["id"]
     _deployed(client, dep_id)
@@ -112,7 +87,7 @@ def test_delete_writes_status_before_stopping(
 
 
 def test_an_ended_deployment_answers_without_its_dead_location_and_url(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+    client: TestClient, parts: Parts
 ) -> None:
     _, backend, _ = parts
     gone, dying = (client.post("/applications/example").json()["id"] for _ in range(2))
@@ -139,9 +114,7 @@ def test_capacity_counts_active_deployments(client: TestClient) -> None:
     assert response.headers["retry-after"] == "30"
 
 
-def test_database_outage_is_503_bad_database(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
-) -> None:
+def test_database_outage_is_503_bad_database(client: TestClient, parts: Parts) -> None:
     store, _, _ = parts
     store.down = True
     response = client.post("/applications/example")
@@ -205,9 +178,7 @@ def test_metrics_count_launches(client: TestClient) -> None:
     assert "binder_launch_latency_seconds_bucket" in text
 
 
-def test_metrics_count_accepted_launches_only(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
-) -> None:
+def test_metrics_count_accepted_launches_only(client: TestClient, parts: Parts) -> None:
     store, _, _ = parts
     store.down = True
     assert client.post("/applications/example").status_code == 503  # its record not written
@@ -222,7 +193,7 @@ def test_metrics_count_accepted_launches_only(
 
 
 def test_backend_or_proxy_outage_refuses_launches_with_503(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+    client: TestClient, parts: Parts
 ) -> None:
     _, backend, proxy = parts
     backend.down = True
@@ -336,16 +307,8 @@ def test_a_start_retried_after_the_database_failed_follows_the_changes_once(
 ) -> None:
     """Each follower applies every change: two would apply each twice."""
     store = _OpensLate()
-    settings = load_settings(home=tmp_path, environ={"BINDER_API_KEY": KEY})
-    app = create_app(
-        settings,
-        backend=FakeBackend(),
-        store=store,
-        windows=FakeWindows(),
-        proxy=FakeProxy(),
-        keeper_interval=0.05,
-    )
-    with TestClient(app) as c:
-        wait_for(lambda: c.get("/health").status_code == 200, timeout=10, what="ready")
+    parts = (store, FakeBackend(), FakeProxy())
+    environ = {"BINDER_API_KEY": KEY}
+    with served(parts, home=tmp_path, environ=environ, ready_within=10):
         assert store.opens == 2
         assert store.followers == 1

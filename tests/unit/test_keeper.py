@@ -7,34 +7,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeBackend, FakeProxy, FakeStore, FakeWindows
 from harness import wait_for
+from served import Parts, fake_parts, served
 from starlette.testclient import TestClient
 
 from common.proxy import ProxyRoute
-from common.settings import load_settings
-from services.deploy_kubernetes.app import create_app
 
 
 @pytest.fixture
-def parts() -> tuple[FakeStore, FakeBackend, FakeProxy]:
-    return FakeStore(), FakeBackend(), FakeProxy()
+def parts() -> Parts:
+    return fake_parts()
 
 
 @pytest.fixture
-def client(tmp_path: Path, parts: tuple[FakeStore, FakeBackend, FakeProxy]) -> Iterator[TestClient]:
-    store, backend, proxy = parts
-    settings = load_settings(home=tmp_path, environ={"BINDER_API_KEY": "k" * 32})
-    app = create_app(
-        settings,
-        backend=backend,
-        store=store,
-        windows=FakeWindows(),
-        proxy=proxy,
-        keeper_interval=0.02,
-    )
-    with TestClient(app) as c:
-        wait_for(lambda: c.get("/health").status_code == 200, timeout=5, what="ready")
+def client(tmp_path: Path, parts: Parts) -> Iterator[TestClient]:
+    with served(
+        parts, home=tmp_path, environ={"BINDER_API_KEY": "k" * 32}, keeper_interval=0.02
+    ) as c:
         yield c
 
 
@@ -48,9 +37,7 @@ def _deployed(client: TestClient) -> str:
     return dep_id
 
 
-def test_routes_are_put_back_after_a_proxy_restart(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
-) -> None:
+def test_routes_are_put_back_after_a_proxy_restart(client: TestClient, parts: Parts) -> None:
     _, _, proxy = parts
     dep_id = _deployed(client)
     proxy.table.clear()  # the proxy restarted: its routes are gone
@@ -58,7 +45,7 @@ def test_routes_are_put_back_after_a_proxy_restart(
 
 
 def test_hijacked_missing_and_stray_routes_are_repaired_within_rounds(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+    client: TestClient, parts: Parts
 ) -> None:
     store, backend, proxy = parts
     first, second = _deployed(client), _deployed(client)
@@ -86,7 +73,7 @@ def test_hijacked_missing_and_stray_routes_are_repaired_within_rounds(
 
 
 def test_a_quiet_suite_reads_its_deployments_only_every_few_rounds(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+    client: TestClient, parts: Parts
 ) -> None:
     store, backend, _ = parts
     reads, pings = store.full_reads, backend.pings

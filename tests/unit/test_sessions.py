@@ -9,13 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeBackend, FakeProxy, FakeStore, FakeWindows
-from harness import wait_for
 from loguru import logger
+from served import Parts, ended_launch, fake_parts, served
 from starlette.testclient import TestClient
-
-from common.settings import load_settings
-from services.deploy_kubernetes.app import create_app
 
 KEY = "k" * 32
 PUBLIC = "https://binder.example.org"
@@ -28,45 +24,29 @@ NOTEBOOK = {
 
 
 @pytest.fixture
-def parts() -> tuple[FakeStore, FakeBackend, FakeProxy]:
-    return FakeStore(), FakeBackend(), FakeProxy()
+def parts() -> Parts:
+    return fake_parts()
 
 
 @pytest.fixture
-def client(tmp_path: Path, parts: tuple[FakeStore, FakeBackend, FakeProxy]) -> Iterator[TestClient]:
-    store, backend, proxy = parts
+def client(tmp_path: Path, parts: Parts) -> Iterator[TestClient]:
     environ = {
         "BINDER_API_KEY": KEY,
         "BINDER_PROXY_PUBLIC_HOST": "binder.example.org",
         "BINDER_PROXY_PUBLIC_URL": PUBLIC,
     }
-    settings = load_settings(home=tmp_path, environ=environ)
-    app = create_app(
-        settings,
-        backend=backend,
-        store=store,
-        windows=FakeWindows(),
-        proxy=proxy,
-        keeper_interval=0.05,
-    )
-    with TestClient(app) as c:
-        wait_for(lambda: c.get("/health").status_code == 200, timeout=5, what="ready")
+    with served(parts, home=tmp_path, environ=environ) as c:
         put = c.put("/templates/nb", json=NOTEBOOK, headers={"Authorization": KEY})
         assert put.status_code == 200, put.text
         yield c
 
 
 def _final(client: TestClient, dep_id: str, template: str = "nb") -> dict[str, object]:
-    def check() -> dict[str, object] | None:
-        data: dict[str, object] = client.get(f"/applications/{template}/{dep_id}").json()
-        return data if data["status"] != "deploying" else None
-
-    result: dict[str, object] = wait_for(check, timeout=5, what="the launch to end")
-    return result
+    return ended_launch(client, dep_id, template)
 
 
 def test_the_token_is_in_the_url_for_the_launching_client_only(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+    client: TestClient, parts: Parts
 ) -> None:
     store, _, _ = parts
     logged: list[str] = []
@@ -100,7 +80,7 @@ def test_the_token_is_in_the_url_for_the_launching_client_only(
 
 
 def test_each_launch_has_its_own_token_and_the_backend_gets_it(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+    client: TestClient, parts: Parts
 ) -> None:
     store, backend, _ = parts
     one, two = (client.post("/applications/nb").json()["id"] for _ in range(2))
@@ -142,7 +122,7 @@ def test_a_bad_urlpath_is_refused_naming_the_field(client: TestClient, urlpath: 
 
 
 def test_a_failure_reason_ends_with_the_apps_last_lines_without_its_token(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+    client: TestClient, parts: Parts
 ) -> None:
     store, backend, _ = parts
     backend.fail_with = "process exited with code 126"
@@ -163,7 +143,7 @@ def test_a_failure_reason_ends_with_the_apps_last_lines_without_its_token(
 
 
 def test_the_events_stream_carries_the_apps_output_while_it_starts(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+    client: TestClient, parts: Parts
 ) -> None:
     _, backend, _ = parts
     backend.fail_with = "timed out waiting for the app to answer"
@@ -203,7 +183,7 @@ def test_badges_and_links_use_the_public_url_never_the_host_header(client: TestC
 
 
 def test_the_ended_page_says_what_ended_a_session_and_offers_it_again(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+    client: TestClient, parts: Parts
 ) -> None:
     dep_id = client.post("/applications/nb", json={"urlpath": "lab/tree/a.ipynb"}).json()["id"]
     _final(client, dep_id)
@@ -234,7 +214,7 @@ def test_the_ended_page_says_what_ended_a_session_and_offers_it_again(
 
 
 def test_the_ended_page_of_a_failed_session_says_why_escaped(
-    client: TestClient, parts: tuple[FakeStore, FakeBackend, FakeProxy]
+    client: TestClient, parts: Parts
 ) -> None:
     _, backend, _ = parts
     backend.fail_with = "process exited with code 3: <script>alert(1)</script>"
