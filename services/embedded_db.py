@@ -1,13 +1,14 @@
 """The ``db`` program when no ``mongod`` is installed: the embedded MongoDB-compatible server.
 
 Run as its own process (``python -m services.embedded_db --host H --port P --storage-path DIR``);
-the services only ever speak the wire protocol to it. It differs from ``secantusd-py`` in three
+the services only ever speak the wire protocol to it. It differs from ``secantusd-py`` in these
 ways: every write that asks for a journaled write concern (``j=true``, as all of the suite's
 writers do) is flushed to disk before it is acknowledged; a write that does not ask may be lost by
 a kill -9 (``--sync-on-commit`` flushes every commit, at about twice the cost of an insert: see
 ``scripts/bench db``); on
 SIGTERM it wakes the server's accept loop with a connection, so it stops in a few tens of
-milliseconds instead of waiting out the accept thread's two-second join; and with ``--auth`` it
+milliseconds instead of waiting out the accept thread's two-second join; a transaction its client
+left behind is rolled back after :data:`TRANSACTION_LIFETIME_SECONDS`; and with ``--auth`` it
 provisions the user named in ``BINDER_DB_URI`` (an environment variable, never an argument) before
 it listens, then requires SCRAM-SHA-256 authentication of every client, and keeps strangers from
 the connections the suite needs (:class:`GuardedConnections`).
@@ -46,6 +47,14 @@ from common.peers import peer_uid
 log = logging.getLogger("embedded_db")
 SAY_EVERY_SECONDS = 10.0
 """Connections cut are logged at most this often (a flood would fill the log otherwise)."""
+TRANSACTION_LIFETIME_SECONDS = 5.0
+"""A transaction idle this long is rolled back (the server's default is 60 s, as mongod's
+``transactionLifetimeLimitSeconds``). A transaction outlives its client (a connection's close
+does not end it): a deploy server killed with -9 inside one left the documents it wrote locked,
+and every delete that counts a deployment out conflicted with it for a minute (seen in
+``scripts/chaos``). The suite's transactions last milliseconds, and each of their statements
+gives up after 4 s (the store's ``timeoutMS``), so one idle for 5 s has no client left waiting
+on it; a client that is there after all finds it rolled back, a transient error it runs again."""
 
 
 def _wake(host: str, port: int, done: threading.Event) -> None:
@@ -232,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         require_auth=args.auth,
         sync_on_commit=args.sync_on_commit,
         enable_test_commands=False,  # no fail points or test commands on the suite's data
+        transaction_lifetime_seconds=TRANSACTION_LIFETIME_SECONDS,
     )
     journal_transactions(server)
     if args.auth:

@@ -1,16 +1,20 @@
 """The embedded database keeps every write it acknowledged as journaled (``j=true``, as every
 writer of the suite asks) through a kill -9: the suite's `db` program, run as the suite runs it,
-killed right after its last acknowledged write and restarted on the same data, three rounds."""
+killed right after its last acknowledged write and restarted on the same data, three rounds. And
+a transaction whose client was killed inside it does not hold what it wrote for long."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Database
+from harness import Database, wait_for
 from pymongo import ASCENDING, MongoClient, ReturnDocument
+from pymongo.errors import OperationFailure
 
 pytestmark = pytest.mark.integration
 
@@ -62,3 +66,64 @@ def test_acknowledged_writes_survive_kill_9(db: Database) -> None:
         lost = {key: want for key, want in acked.items() if stored.get(key) != want}
         assert not lost, f"round {round_no}: {len(lost)} acknowledged writes lost: {lost}"
         assert len(stored) == len(acked)
+
+
+LEFT_OPEN = """
+import sys, time
+from pymongo import MongoClient
+client = MongoClient(sys.stdin.readline().strip())
+with client.start_session() as session:
+    session.start_transaction()
+    client["txn"]["counters"].update_one(
+        {"_id": "active"}, {"$inc": {"n": 1}}, upsert=True, session=session
+    )
+    print("in", flush=True)
+    time.sleep(3600)
+"""
+
+
+def _count_in(client: MongoClient[dict[str, Any]]) -> bool:
+    """One transaction writing the counter, as the store counts a deployment in or out;
+    whether it committed (False: it conflicted with another writer's open transaction)."""
+    try:
+        with client.start_session() as session, session.start_transaction():
+            client["txn"]["counters"].update_one(
+                {"_id": "active"}, {"$inc": {"n": 1}}, upsert=True, session=session
+            )
+    except OperationFailure as exc:
+        if exc.has_error_label("TransientTransactionError"):
+            return False
+        raise
+    return True
+
+
+def test_a_transaction_whose_client_was_killed_frees_what_it_wrote_within_seconds(
+    db: Database,
+) -> None:
+    """A deploy server killed with -9 inside a transaction (its counter written, no commit): the
+    other servers' transactions on that counter conflict only until the database rolls it back,
+    seconds later, not for the minute of the server's default lifetime."""
+    with _client(db) as client:
+        client["txn"]["counters"].insert_one({"_id": "active", "n": 0})
+        with subprocess.Popen(
+            [sys.executable, "-c", LEFT_OPEN],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as writer:
+            try:
+                assert writer.stdin is not None
+                assert writer.stdout is not None
+                writer.stdin.write(db.uri + "\n")  # the credentials: never in argv
+                writer.stdin.flush()
+                assert writer.stdout.readline().strip() == "in"
+            finally:
+                writer.kill()
+        assert not _count_in(client), "the killed client's transaction holds the counter"
+        wait_for(
+            lambda: _count_in(client),
+            timeout=20,  # seconds, where the server's default lifetime is a minute
+            interval=0.2,
+            what="the counter written again",
+        )
+        assert client["txn"]["counters"].find_one({"_id": "active"}) == {"_id": "active", "n": 1}
