@@ -10,7 +10,9 @@ that stopped beating.
   route keeper sees to its own); the others become ``failed``;
 - backend objects and ``/user/`` routes without a live record are removed once they have been
   seen so for :data:`ORPHAN_GRACE_SECONDS` (a launch on another server starts its object while
-  its record is being written).
+  its record is being written), never those of a launch this server runs: its record may take
+  longer than that to land (a write conflicting with a dead server's transaction waits for the
+  database to roll it back), and removing its app then left a record ``deployed`` with no app.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ class Reconciler:
             outcome = await self._one(dep, objects.get(dep.id), routes, alive)
             counts[outcome] += 1
         known = {dep.id for dep in live}
-        orphans = [obs for obs in objects.values() if obs.id not in known]
-        stale = [p for p in routes if p.startswith("/user/") and p[6:] not in known]
+        orphans = [obs for obs in objects.values() if not self._accounted(obs.id, known)]
+        stale = [p for p in routes if p.startswith("/user/") and not self._accounted(p[6:], known)]
         if orphans or stale:
             await asyncio.sleep(ORPHAN_GRACE_SECONDS)
         for obs in orphans:
@@ -81,8 +83,15 @@ class Reconciler:
         logger.info("reconciled: {}", ", ".join(f"{k} {v}" for k, v in counts.items()))
         return counts
 
+    def _accounted(self, dep_id: str, known: set[str]) -> bool:
+        """Whether ``dep_id`` has a live record, or is a launch of this server."""
+        return dep_id in known or self.launcher.running(dep_id)
+
     async def _gone(self, dep_id: str) -> bool:
-        """Whether ``dep_id`` has no live record (read again, after the grace)."""
+        """Whether ``dep_id`` has no live record (read again, after the grace) and is not a
+        launch of this server."""
+        if self.launcher.running(dep_id):
+            return False
         dep = await self.records.get(dep_id)
         return dep is None or dep.status.final
 
