@@ -1,8 +1,9 @@
-"""binder-sandbox's parked launch makes a sandbox again when bwrap could not set it up (its
-mount setup races with mounts changing on the host: other apps' network namespaces coming and
-going), and only then: an app that ran and failed is not run twice. A stand-in for bwrap says,
-as bwrap does on its ``--json-status-fd``, whether the app ran. And the suite's installation
-runs in the sandbox from a folder the apps' users cannot reach (``--reach``), with real bwrap."""
+"""binder-sandbox's parked form makes the app's sandbox ahead of its launch, and again when bwrap
+could not set it up (its mount setup races with mounts changing on the host: other apps' network
+namespaces coming and going); the launch then runs the app once, in that sandbox, with the
+command and environment of its request. A stand-in for bwrap fails its setup a given number of
+times. A slot dropped before its launch leaves no process. And the suite's installation runs in
+the sandbox from a folder the apps' users cannot reach (``--reach``), with real bwrap."""
 
 from __future__ import annotations
 
@@ -11,38 +12,49 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from services.deploy_kubernetes.backends.local.helper import (
-    SETUP_FD,
     Sizes,
     bwrap,
     bwrap_args,
     closed_to_others,
-    helper,
     launch_request,
+    park_words,
     reachable_by_others,
 )
 
 STAND_IN = """#!/bin/sh
-# bwrap's stand-in: fails its setup (no "exit-code") until the run numbered $SET_UP_AT
-echo x >> "$RUNS"
-if [ "$(wc -l < "$RUNS")" -lt "$SET_UP_AT" ]; then
+# bwrap's stand-in: fails its setup until the run numbered $2, then runs the waiter (after --)
+echo x >> "$1"
+if [ "$(wc -l < "$1")" -lt "$2" ]; then
     echo "bwrap: Can't bind mount /oldroot/ on /newroot/: No such file or directory" >&2
     exit 1
 fi
-echo '{ "exit-code": 3 }' >&3
-echo "the app ran"
-exit 3
+shift 3
+exec "$@"
 """
+APP_RUNS = 'echo ran >> "$RUNS"; echo "the app ran as $(id -u) with $GREETING"; exit "$CODE"'
+
+
+@dataclass
+class Place:
+    """A cgroup and a network namespace of the test's own, for a parked helper."""
+
+    group: Path
+    netns: Path
+
+    def words(self, *, uid: int, sandbox: list[str], reach: list[Path] | None = None) -> list[str]:
+        return park_words([str(self.group)], self.netns, uid=uid, sandbox=sandbox, reach=reach)
 
 
 @pytest.fixture
-def park(tmp_path: Path) -> Iterator[list[str]]:
-    """A parked binder-sandbox's words: a cgroup and a network namespace of the test's own."""
+def place() -> Iterator[Place]:
     assert os.geteuid() == 0, "needs root: a cgroup and a network namespace"
     name = f"binder-setup-{secrets.token_hex(4)}"
     v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
@@ -50,67 +62,141 @@ def park(tmp_path: Path) -> Iterator[list[str]]:
     group.mkdir()
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        yield [helper(), "--park", f"--cgroup={group}", f"--netns=/run/netns/{name}"]
+        yield Place(group, Path(f"/run/netns/{name}"))
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
+        _empty(group)
         group.rmdir()
 
 
-def _run_parked(park: list[str], request: bytes) -> int:
-    """Hand ``request`` to a parked helper; its exit code once the app and it have ended."""
-    with subprocess.Popen(park, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
-        assert proc.stdout is not None
-        assert proc.stdin is not None
-        assert proc.stdout.read(1) == b"R"
-        proc.stdin.write(request)
-        proc.stdin.close()
-        return proc.wait(timeout=60)
+def _empty(group: Path, within: float = 10.0) -> bool:
+    """Whether the cgroup ``group`` has no process left (waited for up to ``within`` seconds)."""
+    deadline = time.monotonic() + within
+    while (group / "cgroup.procs").read_text().split():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
-def _launch(park: list[str], tmp_path: Path, set_up_at: int) -> tuple[str, str, int]:
-    """Run the stand-in through a parked helper; the log, the status and the number of runs."""
-    shared = Path(tempfile.mkdtemp(prefix="binder-setup-", dir="/tmp"))  # the app's user's too
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A folder the apps' users can use (the stand-in, its count of runs)."""
+    folder = Path(tempfile.mkdtemp(prefix="binder-setup-", dir="/tmp"))
+    folder.chmod(0o1777)
     try:
-        shared.chmod(0o1777)
-        stand_in = shared / "bwrap"
-        stand_in.write_text(STAND_IN)
-        stand_in.chmod(0o755)
-        runs = shared / "runs"
-        log, status = tmp_path / "app.log", tmp_path / "app.status"
-        request = launch_request(
-            uid=260001,
-            log=log,
-            log_max=1 << 20,
-            status=status,
-            argv=[str(stand_in)],
-            env={"PATH": "/usr/bin:/bin", "RUNS": str(runs), "SET_UP_AT": str(set_up_at)},
-            setup_fd=SETUP_FD,
-        )
-        assert _run_parked(park, request) == (3 if set_up_at <= 3 else 1)
-        return log.read_text(), status.read_text(), len(runs.read_text().splitlines())
+        yield folder
     finally:
-        shutil.rmtree(shared)
+        shutil.rmtree(folder)
 
 
-def test_a_sandbox_that_could_not_be_set_up_is_made_again(park: list[str], tmp_path: Path) -> None:
-    log, status, runs = _launch(park, tmp_path, set_up_at=2)
-    assert runs == 2
-    assert log.count("[binder: the sandbox could not be set up; trying again]") == 1
-    assert log.rstrip().endswith("the app ran"), log
-    assert status == "exit 3\n"
+def _parked(words: list[str]) -> tuple[subprocess.Popen[bytes], bytes]:
+    """A parked helper and the first thing it said: "R" once its sandbox is made."""
+    proc = subprocess.Popen(words, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    assert proc.stdout is not None
+    return proc, proc.stdout.read(1)
 
 
-def test_an_app_that_ran_and_failed_is_not_run_again(park: list[str], tmp_path: Path) -> None:
-    log, status, runs = _launch(park, tmp_path, set_up_at=1)
-    assert (runs, status) == (1, "exit 3\n")
-    assert "trying again" not in log
+def _launch(proc: subprocess.Popen[bytes], request: bytes) -> int:
+    """Hand ``request`` to a parked helper; its exit code once the app and it have ended."""
+    proc.communicate(request, timeout=60)
+    return proc.returncode
 
 
-def test_a_sandbox_that_never_sets_up_is_tried_three_times(park: list[str], tmp_path: Path) -> None:
-    log, status, runs = _launch(park, tmp_path, set_up_at=99)
-    assert (runs, status) == (3, "exit 1\n")
-    assert log.count("trying again") == 2
-    assert log.count("bwrap: Can't bind mount") == 3
+def _stand_in(shared: Path, set_up_at: int) -> tuple[list[str], Path]:
+    stand_in = shared / "bwrap"
+    stand_in.write_text(STAND_IN)
+    stand_in.chmod(0o755)
+    runs = shared / "runs"
+    return [str(stand_in), str(runs), str(set_up_at)], runs
+
+
+def _app_request(tmp_path: Path, shared: Path, code: int) -> bytes:
+    return launch_request(
+        log=tmp_path / "app.log",
+        log_max=1 << 20,
+        status=tmp_path / "app.status",
+        argv=["sh", "-c", APP_RUNS],  # looked up on the request's PATH
+        env={
+            "PATH": "/usr/bin:/bin",
+            "RUNS": str(shared / "app-runs"),
+            "GREETING": "its own environment",
+            "CODE": str(code),
+        },
+    )
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_a_sandbox_that_could_not_be_set_up_is_made_again_before_the_launch(
+    place: Place, shared: Path, tmp_path: Path
+) -> None:
+    sandbox, runs = _stand_in(shared, set_up_at=2)
+    proc, said = _parked(place.words(uid=260001, sandbox=sandbox))
+    assert said == b"R"
+    assert _lines(runs) == 2  # made again before the slot was handed out
+    assert _launch(proc, _app_request(tmp_path, shared, code=3)) == 3
+    log = (tmp_path / "app.log").read_text()
+    assert log == "the app ran as 260001 with its own environment\n"
+    assert (tmp_path / "app.status").read_text() == "exit 3\n"
+    assert (_lines(runs), _lines(shared / "app-runs")) == (2, 1)
+
+
+def test_an_app_that_exits_1_as_bwrap_fails_runs_once(
+    place: Place, shared: Path, tmp_path: Path
+) -> None:
+    sandbox, runs = _stand_in(shared, set_up_at=1)
+    proc, said = _parked(place.words(uid=260001, sandbox=sandbox))
+    assert said == b"R"
+    assert _launch(proc, _app_request(tmp_path, shared, code=1)) == 1
+    assert (tmp_path / "app.status").read_text() == "exit 1\n"
+    assert (_lines(runs), _lines(shared / "app-runs")) == (1, 1)
+
+
+def test_a_sandbox_that_never_sets_up_fails_its_slot_with_bwraps_words(
+    place: Place, shared: Path
+) -> None:
+    sandbox, runs = _stand_in(shared, set_up_at=99)
+    proc, said = _parked(place.words(uid=260001, sandbox=sandbox))
+    assert said == b"F"
+    out, _ = proc.communicate(timeout=60)
+    assert b"bwrap: Can't bind mount /oldroot/" in out
+    assert proc.returncode == 126
+    assert _lines(runs) == 3
+
+
+def test_the_app_runs_in_the_sandbox_made_ahead_with_nothing_of_its_waiter(
+    place: Place, tmp_path: Path
+) -> None:
+    """Real bwrap: the app is the sandbox's, as its own user, with its request's command and
+    environment, and none of the waiter's descriptors."""
+    words = bwrap_args(hidden=[tmp_path], sizes=Sizes(), reachable=lambda _: True)
+    proc, said = _parked(place.words(uid=260003, sandbox=[bwrap(), *words]))
+    assert said == b"R"
+    script = 'echo "$(hostname) $(id -u) $PWD $GREETING"; ls /proc/$$/fd | tr "\\n" " "'
+    request = launch_request(
+        log=tmp_path / "app.log",
+        log_max=1 << 20,
+        status=tmp_path / "app.status",
+        argv=["sh", "-c", script],
+        env={"PATH": "/usr/bin:/bin", "GREETING": "hello"},
+    )
+    assert _launch(proc, request) == 0
+    first, fds = (tmp_path / "app.log").read_text().splitlines()
+    assert first == "app 260003 /home/app hello"
+    assert fds.split() == ["0", "1", "2"]
+    assert _empty(place.group)
+
+
+def test_a_slot_dropped_before_its_launch_leaves_no_process(place: Place, tmp_path: Path) -> None:
+    words = bwrap_args(hidden=[tmp_path], sizes=Sizes(), reachable=lambda _: True)
+    proc, said = _parked(place.words(uid=260004, sandbox=[bwrap(), *words]))
+    assert said == b"R"
+    assert len((place.group / "cgroup.procs").read_text().split()) >= 3  # helper, bwrap, waiter
+    assert _launch(proc, b"") == 0  # end of file: no request
+    assert _empty(place.group)
 
 
 APP = """#!/bin/sh
@@ -121,7 +207,7 @@ cat "$(dirname "$0")/../secret" 2>&1 || echo "the rest of the closed folder is n
 
 @pytest.mark.parametrize("under", ["/tmp", "/var/lib"])
 def test_an_installation_in_a_folder_others_cannot_search_runs_sandboxed(
-    park: list[str], tmp_path: Path, under: str
+    place: Place, tmp_path: Path, under: str
 ) -> None:
     """A clone made by ``mktemp -d`` is 0700: bwrap, as the app's user, cannot bind it. The
     helper shows it all the same (``--reach``), and nothing else of the closed folder; under
@@ -145,16 +231,17 @@ def test_an_installation_in_a_folder_others_cannot_search_runs_sandboxed(
         def run(reach: list[Path]) -> tuple[int, str]:
             log = tmp_path / f"app-{len(reach)}.log"
             request = launch_request(
-                uid=260002,
                 log=log,
                 log_max=1 << 20,
                 status=tmp_path / "app.status",
-                argv=[bwrap(), *words, "--", str(app)],
+                argv=[str(app)],
                 env={"PATH": "/usr/bin:/bin"},
-                setup_fd=SETUP_FD,
-                reach=reach,
             )
-            return _run_parked(park, request), log.read_text()
+            proc, said = _parked(place.words(uid=260002, sandbox=[bwrap(), *words], reach=reach))
+            if said != b"R":  # the sandbox could not be made: what bwrap said
+                out, _ = proc.communicate(timeout=60)
+                return proc.returncode, out.decode()
+            return _launch(proc, request), log.read_text()
 
         code, log = run([])
         assert code != 0  # what it fixes: bwrap could not bind the installation

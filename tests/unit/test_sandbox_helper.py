@@ -42,12 +42,27 @@ def test_the_words_before_the_command() -> None:
     user = AppUser("app", 2000, 3000)
     assert direct_words(None, None) == [helper(), "--"]
     assert direct_words(1024, user) == [helper(), "--as=1024", "--uid=2000", "--gid=3000", "--"]
-    assert park_words(["/cg/memory/slot-3", "/cg/pids/slot-3"], Path("/run/netns/b1-3")) == [
+    cgroups, netns = ["/cg/memory/slot-3", "/cg/pids/slot-3"], Path("/run/netns/b1-3")
+    park = [helper(), "--park", *(f"--cgroup={c}" for c in cgroups), f"--netns={netns}"]
+    assert park_words(cgroups, netns, uid=200001, sandbox=["/usr/bin/bwrap", "--unshare-all"]) == [
+        *park,
+        "--uid=200001",
+        "--gid=200001",
+        "--",
+        "/usr/bin/bwrap",
+        "--unshare-all",
+        "--",
         helper(),
-        "--park",
-        "--cgroup=/cg/memory/slot-3",
-        "--cgroup=/cg/pids/slot-3",
-        "--netns=/run/netns/b1-3",
+        "--wait",
+    ]
+    assert park_words(cgroups, netns, uid=7, sandbox=[], reach=[Path("/srv/x")]) == [
+        *park,
+        "--uid=7",
+        "--gid=7",
+        "--reach=/srv/x",
+        "--",
+        helper(),
+        "--wait",
     ]
 
 
@@ -63,7 +78,10 @@ def test_the_words_before_the_command() -> None:
             126,
         ),  # the parked launch's options are not the direct form's
         (["--park"], 126),  # a park without cgroups or namespace
-        (["--park", "--cgroup=/nowhere", "--netns=/nowhere"], 126),
+        (["--park", "--cgroup=/nowhere", "--netns=/nowhere"], 126),  # nor user, nor program
+        (["--park", "--cgroup=/x", "--netns=/x", "--uid=0", "--gid=0", "--", "/bin/true"], 126),
+        (["--park", "--cgroup=/x", "--netns=/x", "--uid=5", "--gid=5", "--", "true"], 126),
+        (["--wait", "extra"], 126),
     ],
 )
 def test_failures_exit_as_the_util_linux_tools_do(options: list[str], code: int) -> None:
@@ -74,21 +92,16 @@ def test_failures_exit_as_the_util_linux_tools_do(options: list[str], code: int)
 
 def test_a_launch_request_is_its_words_then_the_environment() -> None:
     request = launch_request(
-        uid=200001,
         log=Path("/h/logs/apps/a.log"),
         log_max=8192,
         status=Path("/h/run/local/a.status"),
-        argv=["/usr/bin/bwrap", "--", "app", "two words"],
+        argv=["app", "two words"],
         env={"PORT": "8888", "HOME": "/home/app"},
     )
     assert request.split(b"\0") == [
-        b"--uid=200001",
-        b"--gid=200001",
         b"--log=/h/logs/apps/a.log",
         b"--log-max=8192",
         b"--status=/h/run/local/a.status",
-        b"--",
-        b"/usr/bin/bwrap",
         b"--",
         b"app",
         b"two words",
@@ -98,7 +111,7 @@ def test_a_launch_request_is_its_words_then_the_environment() -> None:
         b"",
     ]
     with pytest.raises(ValueError, match="NUL"):
-        launch_request(uid=1, log=Path("/l"), log_max=1, status=Path("/s"), argv=["a\0b"], env={})
+        launch_request(log=Path("/l"), log_max=1, status=Path("/s"), argv=["a\0b"], env={})
 
 
 def test_bwrap_hides_the_suites_folders_that_an_app_could_reach() -> None:
@@ -115,7 +128,6 @@ def test_bwrap_hides_the_suites_folders_that_an_app_could_reach() -> None:
         reachable=lambda p: p in reachable,
     )
     assert args == [
-        "--json-status-fd", "3",
         "--unshare-all", "--share-net", "--unshare-user", "--disable-userns", "--new-session",
         "--hostname", "app",
         "--ro-bind", "/", "/",

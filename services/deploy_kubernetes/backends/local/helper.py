@@ -2,21 +2,22 @@
 app of the local backend is started through, and the words it is given.
 
 Sandboxed apps (``[deploy.local] sandbox = true``, the default): a helper parked ahead of the
-launch in the slot's cgroups and network namespace (:mod:`.slots`) gets a launch request
-(:func:`launch_request`); it stays as the app's parent (the shim: the log's bound, the exit
-status) and execs ``bwrap`` (:func:`bwrap_args`) as the app's own uid, which makes the app's
-mount, pid, ipc, uts, user and cgroup namespaces and its view of the file system.
+launch in the slot's cgroups and network namespace (:mod:`.slots`, :func:`park_words`) has
+already started ``bwrap`` (:func:`bwrap_args`) as the app's own uid, which made the app's mount,
+pid, ipc, uts, user and cgroup namespaces and its view of the file system around a waiter
+(``binder-sandbox --wait``). At the launch the helper gets a launch request
+(:func:`launch_request`) and hands the app's command and environment to the waiter, which execs
+the app in place; the helper stays as the app's parent (the shim: the log's bound, the exit
+status).
 
 Why bwrap and not the helper's own namespace code: bubblewrap is a small, audited tool made for
 exactly this and kept by others (Debian's ``bubblewrap``); mount, namespace and seccomp code of
-our own, running as root, would be ours to audit. What it costs (``scripts/bench launch --sandbox
-compare``, a quiet host): from the launch request to the app's first byte, 5.3 ms with bwrap
-against 1.0 ms without it (the parked helper's uid switch and shim cost nothing measurable over
-the direct form). A prototype making the same namespaces in C reached the first line 8-15 ms
-sooner than bwrap on this busy two-core host, at the price of mount and seccomp code of our own
-run as root. End to end, a sandboxed launch of the example app costs 10-11 ms more than an
-unsandboxed one (18 ms over the app's own start). The helper keeps only what bwrap does not do:
-the cgroup join, the setns, the uid switch, the park, the shim and the status.
+our own, running as root, would be ours to audit. What it costs is paid ahead of the launch, with
+the slot (``scripts/bench launch --sandbox compare`` prints the parts): bwrap's setup took
+1.3-1.5 ms from a launch request to the app's first byte on a quiet host and 5.3 ms on a busy
+one when it ran on the launch path; parked, a launch hands the waiter its words over a socket
+and the app execs in a sandbox already made. The helper keeps only what bwrap does not do: the
+cgroup join, the setns, the uid switch, the park, the waiter, the shim and the status.
 
 Trusted templates (``sandbox = false``): the direct form (:func:`direct_words`) sets the memory
 limit (``RLIMIT_AS``) and switches to the apps' user in one exec, and the app runs in place, on the
@@ -45,9 +46,6 @@ def installation() -> list[Path]:
     return [INSTALLATION, Path(sys.prefix)]
 
 
-SETUP_FD = 3
-"""The descriptor bwrap writes its status to (``--json-status-fd``), which binder-sandbox reads to
-tell a sandbox that could not be set up (run again) from an app that ran and ended."""
 APP_HOME = "/home/app"
 """The app's working folder and ``HOME`` inside its sandbox, on a tmpfs of its own."""
 COVERED = ("/tmp", "/var/tmp", "/run", "/home", "/root", "/dev", "/proc")
@@ -91,35 +89,47 @@ def direct_words(
     return [*out, "--"]
 
 
-def park_words(cgroups: list[str], netns: Path) -> list[str]:
-    """A parked helper's command line (:mod:`.slots`)."""
-    return [helper(), "--park", *(f"--cgroup={d}" for d in cgroups), f"--netns={netns}"]
+def park_words(
+    cgroups: list[str],
+    netns: Path,
+    *,
+    uid: int,
+    sandbox: list[str],
+    reach: list[Path] | None = None,
+) -> list[str]:
+    """A parked helper's command line (:mod:`.slots`): it joins ``cgroups`` and ``netns`` and
+    starts ``sandbox`` (``bwrap`` and its arguments; none: the waiter alone, in the host's view)
+    around the waiter, as ``uid`` (its gid too), ``reach`` made reachable first
+    (:func:`closed_to_others`)."""
+    return [
+        helper(),
+        "--park",
+        *(f"--cgroup={d}" for d in cgroups),
+        f"--netns={netns}",
+        f"--uid={uid}",
+        f"--gid={uid}",
+        *(f"--reach={folder}" for folder in reach or ()),
+        "--",
+        *([*sandbox, "--"] if sandbox else []),
+        helper(),
+        "--wait",
+    ]
 
 
 def launch_request(
     *,
-    uid: int,
     log: Path,
     log_max: int,
     status: Path,
     argv: list[str],
     env: dict[str, str],
-    setup_fd: int | None = None,
-    reach: list[Path] | None = None,
 ) -> bytes:
-    """What a parked helper reads from its stdin to launch ``argv`` (bwrap and the app) as
-    ``uid`` (its gid too): NUL-terminated words, the environment after an empty one.
-    ``setup_fd``: bwrap's ``--json-status-fd``, so that a sandbox that could not be set up is
-    made again. ``reach``: folders the app runs from that the helper makes reachable for it
-    (:func:`closed_to_others`)."""
+    """What a parked helper reads from its stdin to launch ``argv`` (looked up on the ``PATH``
+    of ``env``) in its sandbox: NUL-terminated words, the environment after an empty one."""
     words = [
-        f"--uid={uid}",
-        f"--gid={uid}",
         f"--log={log}",
         f"--log-max={log_max}",
         f"--status={status}",
-        *([f"--setup-fd={setup_fd}"] if setup_fd is not None else []),
-        *(f"--reach={folder}" for folder in reach or ()),
         "--",
         *argv,
         "",
@@ -156,8 +166,6 @@ def bwrap_args(
     ``hidden`` that the app's user could reach (``reachable``) covered by an empty one.
     Never ``--die-with-parent``: apps outlive the server."""
     args = [
-        "--json-status-fd",  # "exit-code" there once the app ran (see binder-sandbox's --setup-fd)
-        str(SETUP_FD),
         "--unshare-all",
         "--share-net",
         "--unshare-user",

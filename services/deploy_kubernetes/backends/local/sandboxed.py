@@ -66,7 +66,6 @@ from services.deploy_kubernetes.backends.local.groups import (
 )
 from services.deploy_kubernetes.backends.local.helper import (
     APP_HOME,
-    SETUP_FD,
     Sizes,
     bwrap,
     bwrap_args,
@@ -191,8 +190,6 @@ class SandboxedBackend:
             claims=self._claims,
         )
         self._hidden = [p for p in (home, state_dir, log_dir, *hidden) if p is not None]
-        self._bwrap: list[str] = []
-        self._reach: list[Path] = []
         self._apps: dict[str, App] = {}
         self._stopping: set[str] = set()
         self._starts = StartTimes()
@@ -209,7 +206,7 @@ class SandboxedBackend:
         if self._home is not None:
             private_dir(self._home, 0o700)
         # refused now, naming the fix, when it is missing; the words are the same for every app
-        self._bwrap = [
+        self._slots.sandbox = [
             bwrap(),
             *bwrap_args(
                 hidden=self._hidden,
@@ -218,7 +215,7 @@ class SandboxedBackend:
                 shown=installation(),
             ),
         ]
-        self._reach = closed_to_others(installation())
+        self._slots.reach = closed_to_others(installation())
         try:
             await anyio.to_thread.run_sync(self._prepare)
         except (CgroupError, NetworkError, OSError) as exc:
@@ -475,14 +472,11 @@ class SandboxedBackend:
         group = self._cgroups.claim(slot.n, spec.id)
         group.set_limits(limits)
         request = launch_request(
-            uid=slot.uid,
             log=self._log_path(spec.id),
             log_max=self._log_max,
             status=self._status_path(spec.id),
-            argv=[*self._bwrap, "--", *argv],
+            argv=argv,
             env=env,
-            setup_fd=SETUP_FD,
-            reach=self._reach,
         )
         view = memoryview(request)
         while view:

@@ -2,12 +2,14 @@
 
 A slot is a cgroup (``slot-<n>``, :mod:`.cgroups`), a network namespace (slot ``n`` of
 :mod:`.network`), a uid (:mod:`.uids`) and a ``binder-sandbox --park`` helper already in both,
-waiting on a pipe for its launch request (:mod:`.helper`). A launch is then a rename (or an
-extended attribute), a few limit writes and one write to that pipe: ~0.3 ms of the server.
+with the app's sandbox (bwrap, as the uid) made around a waiter, waiting on a pipe for its launch
+request (:mod:`.helper`). A launch is then a rename (or an extended attribute), a few limit
+writes and one write to that pipe: ~0.3 ms of the server.
 
 Why ahead: joining a cgroup costs ~10 ms in cgroup v1 (an RCU grace period, unless another join
-happened in the last few ms) and a network namespace 6-12 ms to make (measured here); made on
-the launch path they would cost about 20 ms per launch, four times the sandbox's budget. The
+happened in the last few ms), a network namespace 4-12 ms to make and bwrap's namespaces and
+mounts 1-5 ms (measured here); made on the launch path they would cost about 20 ms per launch,
+four times the sandbox's budget. The
 pool (``[deploy.local] sandbox_slots``, 10 by default: a burst of 10 launches at today's speed)
 is refilled in the background by a supervised loop (:meth:`Slots.run`) while no app starts; a
 launch that finds it empty makes a slot on its own path: slower, never failed for want of one.
@@ -24,6 +26,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 from loguru import logger
@@ -38,7 +41,8 @@ from services.deploy_kubernetes.backends.local.uids import Uids, uids_in_use
 REFILL_QUIET_SECONDS = 1.0
 UIDS_LOOK_SECONDS = 30.0
 PARK_LIMITS = Limits(memory=64 << 20, pids=16)
-"""What a parked slot's cgroup allows until its launch writes the template's limits."""
+"""What a parked slot's cgroup allows until its launch writes the template's limits (the
+helper, bwrap's two processes and the waiter)."""
 
 
 class SlotError(Exception):
@@ -78,6 +82,10 @@ class Slots:
         self.cgroups, self.network, self.uids = cgroups, network, uids
         self.claims = claims
         self.size = size
+        self.sandbox: list[str] = []
+        """bwrap and its arguments, the same for every app (none: the waiter alone)."""
+        self.reach: list[Path] = []
+        """Folders the apps run from that their users cannot reach (:func:`closed_to_others`)."""
         self._ready: list[Slot] = []
         self._numbers: set[int] = set()
         """Slot numbers in use: parked, an app's, or being made."""
@@ -158,7 +166,10 @@ class Slots:
         try:
             group = self.cgroups.make_slot(n, PARK_LIMITS)
             netns = self.network.make(n)
-            helper, request = _park(park_words(group.paths(), netns.path))
+            words = park_words(
+                group.paths(), netns.path, uid=uid, sandbox=self.sandbox, reach=self.reach
+            )
+            helper, request = _park(words)
         except BaseException:
             if netns is not None:
                 self.network.remove(netns)
@@ -172,13 +183,12 @@ class Slots:
         return Slot(n=n, netns=netns, group=group, uid=uid, helper=helper, request=request)
 
     def drop(self, slot: Slot) -> None:
-        """Undo a slot that will not be launched (blocking)."""
+        """Undo a slot that will not be launched (blocking): its helper and sandbox killed."""
         slot.discard()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(slot.helper.pid, signal.SIGKILL)
+        slot.group.signal(signal.SIGKILL)
         slot.helper.wait()
         with contextlib.suppress(OSError):
-            slot.group.remove()
+            slot.group.remove()  # waits for the sandbox's processes on their way out
         self.network.remove(slot.netns)
         self.uids.free(slot.uid)
         self.release_number(slot.n)
@@ -233,7 +243,7 @@ class Slots:
 
 def _park(argv: list[str]) -> tuple[Child, int]:
     """Start a parked helper in a session of its own; return it and its stdin's write end once
-    it said it joined (``R``)."""
+    it said it joined and made the sandbox (``R``)."""
     stdin_r, stdin_w = os.pipe()
     ready_r, ready_w = os.pipe()
     try:
@@ -261,10 +271,20 @@ def _park(argv: list[str]) -> tuple[Child, int]:
     helper = Child(pid)
     try:
         joined = os.read(ready_r, 1)
+        said = _read_all(ready_r) if joined == b"F" else b""
     finally:
         os.close(ready_r)
     if joined != b"R":
         os.close(stdin_w)
         code = helper.wait()
+        if said:  # the sandbox could not be set up: what bwrap said
+            raise SlotError(f"the app's sandbox could not be made: {said.decode(errors='replace')}")
         raise SlotError(f"a parked helper could not join its cgroup and namespace (exit {code})")
     return helper, stdin_w
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks).strip()
