@@ -9,31 +9,39 @@ view of the system, made ahead); on it, from the launch request to the app's fir
 output, for a helper exec'ing the app directly as unsandboxed apps start (``direct``), a parked
 helper whose waiter execs it without bwrap (``parked``: the cgroup and namespace joined ahead,
 the uid switch, the shim, the waiter) and in bwrap's sandbox (``parked + bwrap``), the app being
-``/bin/echo``.
+``/bin/echo``; and the example app's own start, from the launch request to its first 200,
+directly on the host and in a slot (with the template's limits, and without its CPU quota).
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import select
+import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from harness import free_port
 
 from common.settings import LocalSettings
 from scripts.benchmarks.launch import app_alone, launch
 from scripts.benchmarks.shared import Suite, cpu_ms, running_suite
-from services.deploy_kubernetes.backends.local.cgroups import Cgroups
+from services.deploy_kubernetes.backends.local.cgroups import Cgroups, Limits
 from services.deploy_kubernetes.backends.local.helper import (
+    APP_HOME,
     Sizes,
     bwrap,
     bwrap_args,
+    closed_to_others,
     direct_words,
+    installation,
     launch_request,
     reachable_by_others,
 )
@@ -132,6 +140,72 @@ def _direct(fifo: Path) -> float:
     return took
 
 
+EXAMPLE_LIMITS = Limits(memory=256 << 20, pids=1024, cpu_millis=1000)
+"""The example template's limits (``configs/templates/example.toml``)."""
+
+
+def _answers(host: str, port: int, began: float) -> float:
+    """Seconds from ``began`` to the example app's first 200 at ``host:port`` (connect attempts
+    every half millisecond until it listens, then GETs)."""
+    deadline = began + 30
+    while time.perf_counter() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+        except OSError:
+            time.sleep(0.0005)
+            continue
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        try:
+            conn.request("GET", "/")
+            if conn.getresponse().status == 200:
+                return time.perf_counter() - began
+        except OSError:
+            time.sleep(0.0005)
+        finally:
+            conn.close()
+    raise SystemExit(f"the example app never answered at {host}:{port}")
+
+
+def _example(port: int) -> list[str]:
+    return [sys.executable, "-m", "services.example_app", "--port", str(port), "--base-url", "/"]
+
+
+def _app_direct() -> float:
+    """The example app spawned on the host (as the suite's own checks start it)."""
+    port = free_port()
+    began = time.perf_counter()
+    pid = os.posix_spawn(
+        sys.executable,
+        _example(port),
+        {"PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+        file_actions=[(os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)],
+    )
+    try:
+        return _answers("127.0.0.1", port, began)
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
+def _app_in_slot(slots: Slots, work: Path, n: int, limits: Limits) -> float:
+    """The example app launched in a slot made ahead, with ``limits``."""
+    slot = slots.make()
+    slot.group.set_limits(limits)
+    request = launch_request(
+        log=work / f"example-{n}.log",
+        log_max=1 << 20,
+        status=work / f"example-{n}.status",
+        argv=_example(8888),
+        env={"PATH": "/usr/bin:/bin", "HOME": APP_HOME},
+    )
+    began = time.perf_counter()
+    _requester(slot.request, request)()
+    try:
+        return _answers(slot.netns.app_addr, 8888, began)
+    finally:
+        slots.drop(slot)
+
+
 def _parts(rounds: int) -> Figures:
     """The sandbox's parts, measured with its own modules (needs root)."""
     work = Path(tempfile.mkdtemp(prefix="binder-bench-parts-"))
@@ -145,7 +219,14 @@ def _parts(rounds: int) -> Figures:
     netns: list[float] = []
     slot_times: dict[str, list[float]] = {"parked": [], "parked + bwrap": []}
     firsts: dict[str, list[float]] = {"direct": [], "parked": [], "parked + bwrap": []}
-    bw = [bwrap(), *bwrap_args(hidden=[work], sizes=Sizes(), reachable=reachable_by_others)]
+    apps: dict[str, list[float]] = {"direct": [], "slot": [], "slot, no quota": []}
+    bw = [
+        bwrap(),
+        *bwrap_args(
+            hidden=[work], sizes=Sizes(), reachable=reachable_by_others, shown=installation()
+        ),
+    ]
+    slots.reach = closed_to_others(installation())
     try:
         for n in range(rounds):
             began = time.perf_counter()
@@ -177,6 +258,12 @@ def _parts(rounds: int) -> Figures:
                 network.remove(slot.netns)
                 uids.free(slot.uid)
                 slots.release_number(slot.n)
+        slots.sandbox = bw
+        for n in range(rounds):
+            apps["direct"].append(_app_direct())
+            apps["slot"].append(_app_in_slot(slots, work, n, EXAMPLE_LIMITS))
+            no_quota = Limits(memory=EXAMPLE_LIMITS.memory, pids=EXAMPLE_LIMITS.pids)
+            apps["slot, no quota"].append(_app_in_slot(slots, work, rounds + n, no_quota))
     finally:
         network.drop_host_side()
         cgroups.remove_parents()
@@ -197,6 +284,12 @@ def _parts(rounds: int) -> Figures:
         ),
         "part_bwrap_on_the_path_p50_ms": _ms(firsts["parked + bwrap"]) - _ms(firsts["parked"]),
         "part_shim_and_switch_p50_ms": _ms(firsts["parked"]) - _ms(firsts["direct"]),
+        "example_app_p50_ms_direct": _ms(apps["direct"]),
+        "example_app_p50_ms_in_slot": _ms(apps["slot"]),
+        "example_app_p50_ms_in_slot_no_cpu_quota": _ms(apps["slot, no quota"]),
+        "part_app_in_sandbox_paired_p50_ms": _ms(
+            [s - d for s, d in zip(apps["slot"], apps["direct"], strict=True)]
+        ),
     }
 
 
