@@ -14,6 +14,7 @@ import pytest
 
 from services.deploy_kubernetes.backends import readiness
 from services.deploy_kubernetes.backends.readiness import (
+    DENSE_WINDOW,
     FIRST_LOOK_FRACTION,
     OutputWatch,
     StartTimes,
@@ -66,6 +67,50 @@ def test_wait_listening_sees_a_listening_app_and_says_how_long_it_took() -> None
 
     took = asyncio.run(main())
     assert took >= 0.05  # the first attempt waited its first look
+
+
+def test_the_window_of_a_template_spans_its_recent_starts() -> None:
+    starts = StartTimes()
+    assert starts.window("jupyter") is None  # nothing seen: the sparse schedule alone
+    for seconds in (1.0, 1.2):
+        starts.add("jupyter", seconds)
+    assert starts.window("jupyter") == (DENSE_WINDOW[0] * 1.0, DENSE_WINDOW[1] * 1.2)
+
+
+def test_an_app_listening_when_its_template_did_is_looked_at_closely_then(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Within the template's window attempts come every couple of milliseconds (the app is seen
+    within a few of listening); before it, they stay as sparse as without one."""
+    times: list[float] = []
+    knock = readiness.accepts
+
+    async def timed(host: str, port: int, *, seconds: float) -> bool:
+        times.append(time.monotonic())
+        return await knock(host, port, seconds=seconds)
+
+    monkeypatch.setattr(readiness, "accepts", timed)
+
+    async def main(window: tuple[float, float] | None) -> tuple[int, int]:
+        times.clear()
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            port = listener.getsockname()[1]
+            loop = asyncio.get_running_loop()
+            began = time.monotonic()
+            loop.call_later(0.4, listener.listen)
+            await wait_listening(
+                "127.0.0.1", port, deadline=loop.time() + 10, alive=_never_gone, window=window
+            )
+        before = sum(1 for t in times if t - began < 0.3)
+        within = sum(1 for t in times if t - began >= 0.3)
+        return before, within
+
+    sparse_before, sparse_within = asyncio.run(main(None))
+    before, within = asyncio.run(main((0.3, 0.5)))
+    assert before <= sparse_before + 1
+    assert sparse_within <= 6  # 10% of the time taken: one look per 30-40 ms
+    assert within >= max(15, 3 * sparse_within)  # every 2 ms over 0.1 s, or a slow loop's best
 
 
 def test_output_wakes_a_pause_before_its_end(tmp_path: Path) -> None:

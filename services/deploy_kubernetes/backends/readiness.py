@@ -8,7 +8,11 @@ the quickest recent start of its template (:class:`StartTimes`); the next ones c
 fraction of the time taken so far, so their number grows with the logarithm of the start time,
 not with the time. Where the app's output is a file (the local backend), the kernel tells of
 each write (:class:`OutputWatch`) and an attempt follows at once: most servers print a line once
-they listen, so they are seen at that moment and the fallback schedule can be sparse.
+they listen, so they are seen at that moment and the fallback schedule can be sparse. Around
+the time recent apps of the template began to listen, attempts come every
+:data:`DENSE_POLL_SECONDS`: an app that listens when its template's apps did is seen within a
+few milliseconds, however long it took (JupyterLab listens only after a second of chatty start;
+the sparse schedule saw it 25-50 ms late).
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ far: an app that prints all the while it starts costs a bounded number of attemp
 FIRST_LOOK_FRACTION = 0.7
 """The first connect attempt waits this fraction of the quickest recent start of the same
 template: no attempt is spent while the app cannot be listening yet."""
+DENSE_WINDOW = (0.9, 1.25)
+"""From this fraction of the quickest recent start of the template to this one of the slowest,
+connect attempts come every :data:`DENSE_POLL_SECONDS` (a refused attempt costs tens of
+microseconds: a one-second app's window costs a few milliseconds of the server)."""
+DENSE_POLL_SECONDS = 0.002
 HTTP_PROBE_BOUNDS = (0.005, 1.0)
 PROBE_TIMEOUT = 2.0
 """First and longest wait between HTTP probes of an app that listens but does not answer yet."""
@@ -196,6 +205,14 @@ class StartTimes:
         seen = self._seen.get(template)
         return FIRST_LOOK_FRACTION * min(seen) if seen else 0.0
 
+    def window(self, template: str) -> tuple[float, float] | None:
+        """When an app of ``template`` is likely to begin to listen (seconds from its start),
+        None before one was seen (:data:`DENSE_WINDOW`)."""
+        seen = self._seen.get(template)
+        if not seen:
+            return None
+        return DENSE_WINDOW[0] * min(seen), DENSE_WINDOW[1] * max(seen)
+
     def add(self, template: str, seconds: float) -> None:
         self._seen.setdefault(template, deque(maxlen=self.KEPT)).append(seconds)
 
@@ -208,10 +225,12 @@ async def wait_listening(
     alive: Alive,
     first_look: float = 0.0,
     hints: Hints | None = None,
+    window: tuple[float, float] | None = None,
 ) -> float:
     """Wait until ``host:port`` accepts connections; returns the seconds that took. The first
     attempt waits ``first_look``; then each looks again after a fraction of the time taken so
-    far, or as soon as ``hints`` tell of progress."""
+    far, or as soon as ``hints`` tell of progress, and every :data:`DENSE_POLL_SECONDS` within
+    ``window`` (seconds from the start: :meth:`StartTimes.window`)."""
     start = time.monotonic()
     if first_look > 0:
         await anyio.sleep(min(first_look, max(0.0, deadline - start)))
@@ -229,6 +248,11 @@ async def wait_listening(
             raise LaunchError(f"timed out waiting for the app to listen on port {port}")
         taken = now - start
         latest = min(high, max(low, taken * fraction), max(low, deadline - now))
+        if window is not None and window[0] <= taken <= window[1]:
+            await anyio.sleep(DENSE_POLL_SECONDS)
+            continue
+        if window is not None and taken < window[0]:
+            latest = min(latest, max(DENSE_POLL_SECONDS, window[0] - taken))
         if hints is None:
             await anyio.sleep(latest)
         else:
@@ -256,8 +280,15 @@ async def wait_http(
     parts = httpx.URL(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     first = starts.first_look(template) if starts else 0.0
+    window = starts.window(template) if starts else None
     took = await wait_listening(
-        parts.host, port, deadline=deadline, alive=alive, first_look=first, hints=hints
+        parts.host,
+        port,
+        deadline=deadline,
+        alive=alive,
+        first_look=first,
+        hints=hints,
+        window=window,
     )
     if starts is not None:
         starts.add(template, took)
