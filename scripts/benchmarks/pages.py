@@ -9,15 +9,14 @@ from __future__ import annotations
 import re
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from harness import CHROMIUM_ARGS, DeployServer, wait_for
-from pymongo import MongoClient
+from harness import CHROMIUM_ARGS, DeployServer, seed_history, wait_for
 
 from scripts.benchmarks.shared import report, suite
-from services.deploy_kubernetes.models import Deployment, Status, new_id
 
 RECORDS = 2000
 SEEDED = re.compile(r"of 2,0\d\d$")
@@ -75,28 +74,6 @@ def _jupyter(page: Any, server: DeployServer, runs: int) -> tuple[list[float], l
     return unpooled, pooled
 
 
-def _seed(server: DeployServer, count: int) -> None:
-    """``count`` finished deployment records, as weeks of use would leave them."""
-    created = datetime.now(UTC) - timedelta(days=7)
-    docs = []
-    for i in range(count):
-        failed = i % 5 == 0
-        when = created + timedelta(seconds=300 * i)
-        docs.append(
-            Deployment(
-                id=new_id(),
-                template="example",
-                status=Status.FAILED if failed else Status.DELETED,
-                created=when,
-                cull_timeout_ms=3_600_000,
-                reason="process exited with code 1" if failed else "culled after inactivity",
-                ended_at=when + timedelta(minutes=20),
-            ).to_doc()
-        )
-    with MongoClient[dict[str, Any]](server.db.uri) as client:
-        client["binder"]["deployments"].insert_many(docs)
-
-
 def _console_load(page: Any, server: DeployServer) -> float:
     start = time.perf_counter()
     page.goto(f"{server.url}/console", wait_until="commit")
@@ -131,6 +108,11 @@ def bench_pages(runs: int) -> None:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_context().new_page()
         app = re.compile(rf"http://127\.0\.0\.1:{server.proxy.port}/user/[0-9a-f]{{32}}/")
+        # a week of history, numbered as the store numbers ended records (before any launch;
+        # in a thread: Playwright's event loop runs in this one)
+        start = datetime.now(UTC) - timedelta(days=7)
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(seed_history, server.db.uri, "binder", count=RECORDS, start=start).result()
         _launch_in_browser(page, server, app)  # warm-up
         unpooled = [_launch_in_browser(page, server, app) for _ in range(runs)]
         c = httpx.Client(base_url=server.url, headers=server.auth, timeout=30)
@@ -147,7 +129,6 @@ def bench_pages(runs: int) -> None:
         c.put("/pools/example", json={"size": 0})
         c.close()
         kernel_unpooled, kernel_pooled = _jupyter(page, server, max(1, runs // 2))
-        _seed(server, RECORDS)
         page.goto(f"{server.url}/console")
         page.get_by_label("API key").fill(server.api_key)
         page.get_by_role("button", name="Sign in").click()
