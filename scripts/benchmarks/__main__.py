@@ -25,9 +25,11 @@ def bench_launch(
     template: str = "example",
     servers: int = 1,
 ) -> None:
-    if template == "jupyter":
+    if template == "jupyter" and backend == "kubernetes":
+        kube.bench_launch_kubernetes(runs, bursts, template)
+    elif template == "jupyter":
         if backend != "local":
-            raise SystemExit("--template jupyter measures the local backend")
+            raise SystemExit("--template jupyter measures the local and kubernetes backends")
         figures, targets = jupyter.run(runs)
         report("launch-jupyter", figures, targets)
     elif backend == "kubernetes":
@@ -60,8 +62,8 @@ def main() -> None:
         "--template",
         choices=["example", "jupyter"],
         default="example",
-        help="jupyter: JupyterLab's own start beside its launches and pooled launches (local; "
-        "--runs default 10)",
+        help="jupyter: JupyterLab's own start beside its launches and pooled launches (local), "
+        "or its pod created directly beside its launches (kubernetes); --runs default 10",
     )
     launch.add_argument(
         "--client",

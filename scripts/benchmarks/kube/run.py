@@ -109,11 +109,11 @@ class Results:
 
 
 async def _measure(
-    server: DeployServer, api: Any, floor_ns: str, runs: int, bursts: int
+    server: DeployServer, api: Any, floor_ns: str, runs: int, bursts: int, name: str = "example"
 ) -> Results:
-    (example,) = [
-        t for t in read_template_files(ROOT / "configs" / "templates") if t.name == "example"
-    ]
+    """One at a time, then (the example) bursts and pooled launches. ``name``: the shipped
+    template launched one at a time (``jupyter``: that phase alone)."""
+    (example,) = [t for t in read_template_files(ROOT / "configs" / "templates") if t.name == name]
     pods = PodWatch(api, asyncio.get_running_loop())
     floor, launches = Floor(api, floor_ns, pods), Suite(server, pods)
     node_cpu = await asyncio.to_thread(_node_cpu, api)
@@ -121,16 +121,18 @@ async def _measure(
     su: dict[str, Launches] = {"one": Launches()}
     try:
         await floor.burst(example, 1, Launches())  # warm-up: the image on the node, connections
-        await launches.burst("example", 1, Launches())
+        await launches.burst(name, 1, Launches())
         before = await launches.api_calls()
         await _alternate(
             [
                 functools.partial(floor.burst, example, 1, fl["one"]),
-                functools.partial(launches.burst, "example", 1, su["one"]),
+                functools.partial(launches.burst, name, 1, su["one"]),
             ],
             runs,
         )
         after = await launches.api_calls()
+        if name != "example":
+            return Results(fl, su, [], _per_launch(before, after, runs))
         for n in BURSTS:
             template = _burst_template(example, node_cpu, n)
             if template is not example:
@@ -152,8 +154,11 @@ async def _measure(
         pooled = await launches.pooled(min(runs, 20))
     finally:
         pods.close()
-    calls = {verb: (after.get(verb, 0) - before.get(verb, 0)) / runs for verb in after}
-    return Results(fl, su, pooled, calls)
+    return Results(fl, su, pooled, _per_launch(before, after, runs))
+
+
+def _per_launch(before: dict[str, float], after: dict[str, float], runs: int) -> dict[str, float]:
+    return {verb: (after.get(verb, 0) - before.get(verb, 0)) / runs for verb in after}
 
 
 def _ms(values: list[float], q: float = 0.5) -> float:
@@ -180,7 +185,8 @@ def _figures(r: Results) -> tuple[dict[str, float | int | str], dict[str, str]]:
         "p95_ms": _ms(su.seconds, 0.95),
         "p50_over_floor_ms": _ms(su.seconds) - _ms(fl.seconds),
     }
-    for n in BURSTS:
+    bursts = [n for n in BURSTS if f"burst{n}" in r.suite]
+    for n in bursts:
         floor_wall, wall = (
             statistics.median(r.floor[f"burst{n}"].walls),
             statistics.median(r.suite[f"burst{n}"].walls),
@@ -188,16 +194,13 @@ def _figures(r: Results) -> tuple[dict[str, float | int | str], dict[str, str]]:
         f[f"burst{n}_floor_all_answered_s"] = floor_wall
         f[f"burst{n}_all_deployed_s"] = wall
         f[f"burst{n}_over_floor"] = wall / floor_wall
+    if r.pooled:
+        f |= {"pooled_p50_ms": _ms(r.pooled), "pooled_p95_ms": _ms(r.pooled, 0.95)}
     f |= {
-        "pooled_p50_ms": _ms(r.pooled),
-        "pooled_p95_ms": _ms(r.pooled, 0.95),
         "failures": sum(len(s.failures) for s in r.suite.values()),
         "api_calls_per_launch": sum(r.calls_per_launch.values()),
         "api_writes_per_launch": sum(v for k, v in r.calls_per_launch.items() if k in WRITES),
         "server_cpu_ms_per_launch": statistics.median(su.cpu_ms),
-        f"server_cpu_ms_per_launch_burst{BURSTS[-1]}": statistics.median(
-            r.suite[f"burst{BURSTS[-1]}"].cpu_ms
-        ),
         # where the time goes (medians, from the bench's own pod watch)
         "floor_create_to_ip_ms": _mark(fl, "start", "ip"),
         "floor_ip_to_answer_ms": _mark(fl, "ip", "done"),
@@ -206,8 +209,9 @@ def _figures(r: Results) -> tuple[dict[str, float | int | str], dict[str, str]]:
         "floor_create_to_seen_ms": _mark(fl, "start", "added"),
         "post_to_seen_ms": _mark(su, "start", "added"),
     }
-    for n in BURSTS:
+    for n in bursts:
         b, fb = r.suite[f"burst{n}"], r.floor[f"burst{n}"]
+        f[f"server_cpu_ms_per_launch_burst{n}"] = statistics.median(b.cpu_ms)
         f[f"burst{n}_floor_create_to_seen_p95_ms"] = _mark(fb, "start", "added", 0.95)
         f[f"burst{n}_post_to_seen_p95_ms"] = _mark(b, "start", "added", 0.95)
         f[f"burst{n}_floor_create_to_ip_p50_ms"] = _mark(fb, "start", "ip")
@@ -222,20 +226,26 @@ def _figures(r: Results) -> tuple[dict[str, float | int | str], dict[str, str]]:
         "failures": "(target 0)",
         "api_writes_per_launch": "(target 2: create + delete)",
     }
-    return f, targets
+    return f, {k: v for k, v in targets.items() if k in f}
 
 
-def bench_launch_kubernetes(runs: int, bursts: int = 3) -> None:
+def bench_launch_kubernetes(runs: int, bursts: int = 3, template: str = "example") -> None:
+    """The example template (one at a time, bursts, pooled), or ``template`` one at a time."""
     kubeconfig, api = _cluster()
     core = kclient.CoreV1Api(api)
     tag = os.getpid()
     floor_ns = _namespace(core, f"binder-bench-floor-{tag}")
     suite_ns = _namespace(core, f"binder-bench-{tag}")
     extra = f'[deploy.kubernetes]\nkubeconfig = "{kubeconfig}"\nnamespace = "{suite_ns}"\n'
+    phases = (
+        f"bursts of {' and '.join(map(str, BURSTS))} x{bursts}, pooled"
+        if template == "example"
+        else f"of the {template} template"
+    )
     print(
         f"launch on the kubernetes backend (the test cluster's real node), beside the floor (the "
-        f"same pod spec created through the API, to its first answer at the pod IP), interleaved: "
-        f"x{runs} one at a time, bursts of {' and '.join(map(str, BURSTS))} x{bursts}, pooled"
+        f"same pod spec created through the API, to its first ready answer at the pod IP), "
+        f"interleaved: x{runs} one at a time, {phases}"
     )
     try:
         with suite(
@@ -244,7 +254,9 @@ def bench_launch_kubernetes(runs: int, bursts: int = 3) -> None:
             loop = asyncio.new_event_loop()
             loop.set_default_executor(ThreadPoolExecutor(64))
             try:
-                results = loop.run_until_complete(_measure(server, api, floor_ns, runs, bursts))
+                results = loop.run_until_complete(
+                    _measure(server, api, floor_ns, runs, bursts, template)
+                )
             finally:
                 loop.close()
     finally:
@@ -252,4 +264,8 @@ def bench_launch_kubernetes(runs: int, bursts: int = 3) -> None:
             with contextlib.suppress(ApiException):
                 core.delete_namespace(ns)
     figures, targets = _figures(results)
-    report("launch-kubernetes", figures, targets)
+    report(
+        "launch-kubernetes" if template == "example" else f"launch-kubernetes-{template}",
+        figures,
+        targets,
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from common.local_http import RequestError, request
 from scripts.benchmarks.shared import post_and_follow
 from services.deploy_kubernetes.backends.base import LaunchSpec
 from services.deploy_kubernetes.backends.kubernetes.objects import make_pod
+from services.deploy_kubernetes.backends.readiness import ready_answer
 from services.deploy_kubernetes.models import Template, new_id
 
 POOL = 3
@@ -94,8 +96,8 @@ async def _answers(ip: str, port: int, path: str) -> bool:
                 await asyncio.get_running_loop().sock_connect(sock, (ip, port))
         except (OSError, TimeoutError):
             return False
-    try:
-        return (await request(f"http://{ip}:{port}{path}", seconds=2)).status < 500
+    try:  # as the suite calls an app ready
+        return ready_answer((await request(f"http://{ip}:{port}{path}", seconds=2)).status)
     except RequestError:
         return False
 
@@ -121,26 +123,26 @@ class Floor:
         self._pods = pods
 
     async def burst(self, template: Template, n: int, out: Launches) -> None:
-        pods: list[Any] = [  # manifests as dicts, which the client takes
-            make_pod(
-                LaunchSpec(id=new_id(), template=template), namespace=self._namespace, suite="floor"
-            )
+        specs = [
+            LaunchSpec(id=new_id(), template=template, token=secrets.token_urlsafe(16))
             for _ in range(n)
         ]
+        # manifests as dicts, which the client takes
+        pods: list[Any] = [make_pod(s, namespace=self._namespace, suite="floor") for s in specs]
         names = [p["metadata"]["name"] for p in pods]
         start = time.perf_counter()
 
-        async def one(pod: Any) -> float:
+        async def one(pod: Any, spec: LaunchSpec) -> float:
             await asyncio.to_thread(self._core.create_namespaced_pod, self._namespace, pod)
             name = pod["metadata"]["name"]
             await self._pods.until([name], "ip")
-            ip, path = self._pods.ips[name], f"/user/{pod['metadata']['labels']['binder.id']}/"
+            ip = self._pods.ips[name]
             while True:
-                if await _answers(ip, template.port, path):
+                if await _answers(ip, template.port, spec.ready_path):
                     return time.perf_counter()
                 await asyncio.sleep(FLOOR_POLL_SECONDS * n)
 
-        done = await asyncio.gather(*(one(p) for p in pods))
+        done = await asyncio.gather(*(one(p, s) for p, s in zip(pods, specs, strict=True)))
         record(out, start, dict(zip(names, done, strict=True)), self._pods)
         await asyncio.gather(
             *(
