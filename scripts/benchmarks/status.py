@@ -1,10 +1,16 @@
 """``scripts/bench status``: status requests per second at 32 connections against ``/health``,
-with one deploy server and with several on the shared port."""
+with one deploy server and with several on the shared port; and where the machine's CPU went
+during each (the deploy servers, the rest of the control plane, wrk, and the kernel's and other
+processes' share), per request: two servers can scale only as far as the cores the load
+generator and the kernel leave them."""
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
 import subprocess
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +18,7 @@ from typing import Any
 import httpx
 from pymongo import MongoClient
 
-from scripts.benchmarks.shared import report, running_suite
+from scripts.benchmarks.shared import Suite, report, running_suite
 
 WRK_SCRIPT = """
 local ids = {}
@@ -36,14 +42,47 @@ def _wrk(url: str, seconds: int, script: Path | None = None) -> float:
     raise SystemExit(f"wrk printed no rate:\n{out}")
 
 
+def _busy_ms() -> float:
+    """CPU time of the whole machine so far (every core, idle and iowait apart), in ms."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _children_ms() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) * 1000
+
+
+def _measured(suite: Suite, url: str, seconds: int, script: Path | None = None) -> dict[str, float]:
+    """wrk's rate against ``url``, and the CPU per request of each side (microseconds)."""
+    procs = suite.cpu()
+    machine, wrk, began = _busy_ms(), _children_ms(), time.monotonic()
+    rate = _wrk(url, seconds, script)
+    took = time.monotonic() - began
+    requests = rate * seconds
+    after = suite.cpu()
+    servers = sum(after[k] - procs[k] for k in procs if k.startswith("deploy-kubernetes"))
+    control = sum(after[k] - procs[k] for k in procs) - servers
+    wrk_ms, busy = _children_ms() - wrk, _busy_ms() - machine
+    per = 1000 / requests  # ms over all requests -> us per request
+    return {
+        "rps": rate,
+        "servers_us": servers * per,
+        "control_plane_rest_us": control * per,
+        "wrk_us": wrk_ms * per,
+        "kernel_and_other_us": (busy - servers - control - wrk_ms) * per,
+        "cores_busy": busy / 1000 / took,
+    }
+
+
 WARM_UP_SECONDS = 2
 """Unmeasured load on each endpoint first. The records were stored behind the server's back, so
 before it every record is read once: the first read of each goes to the database, and a client
 polling a deployment reads one the server already holds."""
 
 
-def _status_rps(seconds: int, servers: int) -> tuple[float, float]:
-    """(status reads/s, /health/s) of a suite with ``servers`` deploy servers."""
+def _status_rps(seconds: int, servers: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(status reads, /health) of a suite with ``servers`` deploy servers: :func:`_measured`."""
     with running_suite(servers=servers) as suite:
         ids = [f"{n:032x}" for n in range(1, 1001)]
         now = datetime.now(UTC)
@@ -75,8 +114,8 @@ def _status_rps(seconds: int, servers: int) -> tuple[float, float]:
                     client.get(f"/applications/example/{i}").raise_for_status()
         for url, lua in ((suite.url + "/health", None), (suite.url, script)):
             _wrk(url, WARM_UP_SECONDS, lua)
-        health = _wrk(suite.url + "/health", seconds)
-        status = _wrk(suite.url, seconds, script)
+        health = _measured(suite, suite.url + "/health", seconds)
+        status = _measured(suite, suite.url, seconds, script)
     return status, health
 
 
@@ -91,9 +130,14 @@ def bench_status(seconds: int, servers: list[int]) -> None:
     figures: dict[str, float | int | str] = {}
     for n in servers:
         status, health = _status_rps(seconds, n)
-        figures[f"status_rps_{n}"] = status
-        figures[f"health_rps_{n}"] = health
-        figures[f"ratio_{n}"] = status / health
+        figures[f"status_rps_{n}"] = status["rps"]
+        figures[f"health_rps_{n}"] = health["rps"]
+        figures[f"ratio_{n}"] = status["rps"] / health["rps"]
+        for what, seen in (("status", status), ("health", health)):
+            figures[f"{what}_cpu_us_per_request_{n}"] = " ".join(
+                f"{k.removesuffix('_us')}={v:.0f}" for k, v in seen.items() if k.endswith("_us")
+            )
+            figures[f"{what}_cores_busy_{n}"] = seen["cores_busy"]
     if len(servers) > 1:
         low, high = min(servers), max(servers)
         figures["status_scaling"] = figures[f"status_rps_{high}"] / figures[f"status_rps_{low}"]  # type: ignore[operator]

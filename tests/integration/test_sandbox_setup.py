@@ -7,9 +7,11 @@ the sandbox from a folder the apps' users cannot reach (``--reach``), with real 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -24,6 +26,7 @@ from services.deploy_kubernetes.backends.local.helper import (
     bwrap,
     bwrap_args,
     closed_to_others,
+    installation,
     launch_request,
     park_words,
     reachable_by_others,
@@ -50,6 +53,9 @@ class Place:
     netns: Path
 
     def words(self, *, uid: int, sandbox: list[str], reach: list[Path] | None = None) -> list[str]:
+        """As the backend parks a helper: the suite's installation (the waiter's) reachable by
+        the app's user, and ``reach`` too."""
+        reach = [*closed_to_others(installation()), *(reach or [])]
         return park_words([str(self.group)], self.netns, uid=uid, sandbox=sandbox, reach=reach)
 
 
@@ -168,7 +174,9 @@ def test_the_app_runs_in_the_sandbox_made_ahead_with_nothing_of_its_waiter(
 ) -> None:
     """Real bwrap: the app is the sandbox's, as its own user, with its request's command and
     environment, and none of the waiter's descriptors."""
-    words = bwrap_args(hidden=[tmp_path], sizes=Sizes(), reachable=lambda _: True)
+    words = bwrap_args(
+        hidden=[tmp_path], sizes=Sizes(), reachable=lambda _: True, shown=installation()
+    )
     proc, said = _parked(place.words(uid=260003, sandbox=[bwrap(), *words]))
     assert said == b"R"
     # each descriptor past stderr that the shell has open (none: the waiter's socket is gone)
@@ -188,11 +196,38 @@ def test_the_app_runs_in_the_sandbox_made_ahead_with_nothing_of_its_waiter(
 
 
 def test_a_slot_dropped_before_its_launch_leaves_no_process(place: Place, tmp_path: Path) -> None:
-    words = bwrap_args(hidden=[tmp_path], sizes=Sizes(), reachable=lambda _: True)
+    words = bwrap_args(
+        hidden=[tmp_path], sizes=Sizes(), reachable=lambda _: True, shown=installation()
+    )
     proc, said = _parked(place.words(uid=260004, sandbox=[bwrap(), *words]))
     assert said == b"R"
     assert len((place.group / "cgroup.procs").read_text().split()) >= 3  # helper, bwrap, waiter
     assert _launch(proc, b"") == 0  # end of file: no request
+    assert _empty(place.group)
+
+
+def test_a_slot_whose_sandbox_is_killed_before_its_launch_ends_its_helper(
+    place: Place, tmp_path: Path
+) -> None:
+    """The server then drops the slot (a dead helper is never handed out) instead of launching
+    an app into a sandbox that is gone."""
+    words = bwrap_args(
+        hidden=[tmp_path], sizes=Sizes(), reachable=lambda _: True, shown=installation()
+    )
+    proc, said = _parked(place.words(uid=260005, sandbox=[bwrap(), *words]))
+    assert said == b"R"
+    sandbox = [
+        int(p) for p in (place.group / "cgroup.procs").read_text().split() if int(p) != proc.pid
+    ]
+    assert sandbox  # bwrap and the waiter
+    for pid in sandbox:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == 126
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.close()
+    proc.stdout.close()
     assert _empty(place.group)
 
 
@@ -211,18 +246,21 @@ def test_an_installation_in_a_folder_others_cannot_search_runs_sandboxed(
     ``/tmp`` (a private tmpfs in the sandbox) and elsewhere; the host's mounts are untouched."""
     closed = Path(tempfile.mkdtemp(prefix="binder-closed-", dir=under))  # 0700
     try:
-        installation = closed / "checkout"
-        installation.mkdir(mode=0o755)
-        installation.chmod(0o755)
-        app = installation / "app"
+        checkout = closed / "checkout"
+        checkout.mkdir(mode=0o755)
+        checkout.chmod(0o755)
+        app = checkout / "app"
         app.write_text(APP)
         app.chmod(0o755)
         (closed / "secret").write_text("not for apps")
         (closed / "secret").chmod(0o644)
-        reach = closed_to_others([installation, installation / "."])
-        assert reach == [installation]
+        reach = closed_to_others([checkout, checkout / "."])
+        assert reach == [checkout]
         words = bwrap_args(
-            hidden=[], sizes=Sizes(), reachable=reachable_by_others, shown=[installation]
+            hidden=[],
+            sizes=Sizes(),
+            reachable=reachable_by_others,
+            shown=[checkout, *installation()],
         )
 
         def run(reach: list[Path]) -> tuple[int, str]:
@@ -245,7 +283,7 @@ def test_an_installation_in_a_folder_others_cannot_search_runs_sandboxed(
         assert "Permission denied" in log, log
         code, log = run(reach)
         assert code == 0, log
-        assert f"ran from {installation}" in log
+        assert f"ran from {checkout}" in log
         assert "not for apps" not in log
         assert "the rest of the closed folder is not shown" in log
         assert str(closed) not in Path("/proc/self/mountinfo").read_text()

@@ -220,3 +220,43 @@ def test_why_an_app_ended(
     assert (
         exit_reason(group=group, memory="256Mi", status_file=status_file, shim_code=shim) == reason
     )
+
+
+def test_v1_groups_made_or_claimed_half_way_are_no_slots_and_go_once_empty(tmp_path: Path) -> None:
+    """A server killed between the directories of one cgroup (each hierarchy has its own) leaves
+    a half: its name is not free for a new slot, it is neither a slot nor an app, and it is
+    removed once no process is in it, unless it is a slot another live server is making."""
+    mounted = {c: tmp_path / c for c in ("memory", "pids", "cpu", "freezer")}
+    for mount in mounted.values():
+        mount.mkdir()
+    cgroups = Cgroups(1, mounted, "binder-suite")
+    cgroups.prepare()
+    dep_id = new_id()
+
+    def make(name: str, controllers: tuple[str, ...], procs: str = "") -> None:
+        for c in controllers:
+            os.mkdir(tmp_path / c / "binder-suite" / name)
+            if procs:  # (an empty cgroup's files do not keep cgroupfs from removing it)
+                (tmp_path / c / "binder-suite" / name / "cgroup.procs").write_text(procs)
+
+    make("slot-3", ("memory", "pids"))  # killed while making slot 3
+    make(dep_id, ("memory",))  # killed while claiming slot 5 for dep_id
+    make("slot-5", ("pids", "cpu", "freezer"))
+    make("slot-6", ("memory",))  # another live server making slot 6
+    make("slot-8", ("memory", "pids", "cpu"), procs="4242\n")  # a process still in it
+    make("slot-9", ("memory", "pids", "cpu", "freezer"))  # whole: a slot
+    assert cgroups.slot(3).exists()
+    assert cgroups.unclaimed() == [9]
+    assert cgroups.apps() == {}
+    assert {name for g in cgroups.partial() for name in {p.name for p in g.dirs.values()}} == {
+        "slot-3",
+        "slot-5",
+        "slot-6",
+        "slot-8",
+        dep_id,
+    }
+    left = cgroups.remove_partial(keep=lambda name: name == "slot-6")
+    assert sorted(next(iter(g.dirs.values())).name for g in left) == ["slot-6", "slot-8"]
+    for name in ("slot-3", "slot-5", dep_id):
+        assert not any((tmp_path / c / "binder-suite" / name).exists() for c in mounted)
+    assert (tmp_path / "freezer" / "binder-suite" / "slot-9").is_dir()

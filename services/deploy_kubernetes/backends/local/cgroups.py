@@ -20,6 +20,8 @@ import os
 import re
 import signal
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +105,9 @@ class Group:
         return [str(d) for d in self.dirs.values()]
 
     def exists(self) -> bool:
-        return self._dir("freezer").is_dir()
+        """Whether any of its directories is there: one made or renamed half-way (v1) by a
+        server killed meanwhile counts, so its name is not taken for a new slot."""
+        return any(d.is_dir() for d in self.dirs.values())
 
     def procs(self) -> list[int]:
         """Every process in it (v1: the freezer's view, which holds all of them)."""
@@ -252,6 +256,15 @@ class Group:
                     time.sleep(0.005)
 
 
+def _busy(group: Group) -> bool:
+    """Whether a process is in any of the group's directories (each hierarchy's own view)."""
+    for path in group.dirs.values():
+        with contextlib.suppress(FileNotFoundError):
+            if _read(path / "cgroup.procs").split():
+                return True
+    return False
+
+
 class Cgroups:
     """The suite's cgroup parent in each hierarchy: ``<mount>/<parent>``."""
 
@@ -286,13 +299,19 @@ class Cgroups:
         return self._group(f"slot-{n}")
 
     def make_slot(self, n: int, limits: Limits) -> Group:
-        """Slot ``n``'s cgroup with ``limits`` (in v2 an OOM kill takes the whole group)."""
+        """Slot ``n``'s cgroup with ``limits`` (in v2 an OOM kill takes the whole group); what
+        was made of it is removed again when it cannot be made whole."""
         group = self.slot(n)
-        for path in group.dirs.values():
-            os.mkdir(path, 0o755)
-        group.set_limits(limits)
-        if self.version == 2:
-            _write(group.dirs[""] / "memory.oom.group", "1")
+        try:
+            for path in group.dirs.values():
+                os.mkdir(path, 0o755)
+            group.set_limits(limits)
+            if self.version == 2:
+                _write(group.dirs[""] / "memory.oom.group", "1")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                group.remove()
+            raise
         return group
 
     def claim(self, n: int, dep_id: str) -> Group:
@@ -335,11 +354,40 @@ class Cgroups:
         return sorted(int(m.group(1)) for m in found if m)
 
     def _names(self) -> list[str]:
-        root = self.roots["freezer" if self.version == 1 else ""]
-        try:
-            return sorted(p.name for p in root.iterdir() if p.is_dir())
-        except FileNotFoundError:
-            return []
+        """The groups found in every hierarchy (:meth:`partial` has the others)."""
+        return sorted(n for n, count in self._listing().items() if count == len(self.roots))
+
+    def _listing(self) -> Counter[str]:
+        """Each group's name, with the number of hierarchies it is found in."""
+        found: Counter[str] = Counter()
+        for root in self.roots.values():
+            with contextlib.suppress(FileNotFoundError):
+                found.update(p.name for p in root.iterdir() if p.is_dir())
+        return found
+
+    def partial(self) -> list[Group]:
+        """Groups found in some hierarchies only (v1): a slot's cgroup made, or claimed (renamed),
+        half-way by a server killed meanwhile. No app ever ran in one: a slot is launched only
+        once it is whole, and claimed before its launch request is written."""
+        whole = len(self.roots)
+        return [self._group(n) for n, count in sorted(self._listing().items()) if count < whole]
+
+    def remove_partial(self, keep: Callable[[str], bool] | None = None) -> list[Group]:
+        """Remove the :meth:`partial` groups that no process is in (nor ``keep`` keeps, by name:
+        a slot another live server is making); return those left."""
+        left = []
+        for group in self.partial():
+            name = next(iter(group.dirs.values())).name
+            if (keep is not None and keep(name)) or _busy(group):
+                left.append(group)
+                continue
+            try:
+                for path in group.dirs.values():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rmdir(path)
+            except OSError:  # EBUSY: a process came meanwhile
+                left.append(group)
+        return left
 
     def remove_parents(self) -> None:
         """Remove the parent directories if nothing is left in them."""

@@ -23,7 +23,8 @@
  *     and hands what follows "--" to the waiter, which execs the app's PROGRAM (looked up on the
  *     PATH of the environment given) in place of itself, in the sandbox made ahead.
  *     End of file without a request (the server went away, or dropped the slot): the waiter gets
- *     end of file too and exits 0, and so does the helper.
+ *     end of file too and exits 0, and so does the helper. A sandbox that ends before its request
+ *     (its processes killed) ends the helper too (exit 126): the server drops such a slot.
  *     Why parked: in cgroup v1 a join costs an RCU grace period (~10 ms here) unless another
  *     join happened in the last few ms, and bwrap's namespaces and mounts take 1-5 ms; made
  *     ahead, the launch is a write to a pipe and one to a socket.
@@ -55,6 +56,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -455,6 +457,16 @@ static int parked(int argc, char **argv) {
         return 126;
     }
     if (write(1, "R", 1) != 1) return fail("ready", NULL);
+    /* parked: until the request comes, or the sandbox ends before it (killed): then this helper
+     * ends too, and the server drops the slot rather than hand a dead sandbox to a launch */
+    struct pollfd parked_on[2] = {{.fd = 0, .events = POLLIN}, {.fd = sock, .events = POLLIN}};
+    while (poll(parked_on, 2, -1) < 0)
+        if (errno != EINTR) return fail("poll", NULL);
+    if (parked_on[1].revents && !parked_on[0].revents) {
+        close(sock);
+        reap(child);
+        return 126;
+    }
     if (read_words(0, &words, &n, &end)) {
         int code = errno == 0 ? 0 : fail("launch request", NULL);
         close(sock); /* the waiter ends, and then the sandbox */

@@ -54,7 +54,13 @@ from services.deploy_kubernetes.backends.base import (
     State,
     last_lines,
 )
-from services.deploy_kubernetes.backends.local.cgroups import CgroupError, Cgroups, Group, Limits
+from services.deploy_kubernetes.backends.local.cgroups import (
+    SLOT_RE,
+    CgroupError,
+    Cgroups,
+    Group,
+    Limits,
+)
 from services.deploy_kubernetes.backends.local.claims import Claims, slot_claim, uid_claim
 from services.deploy_kubernetes.backends.local.folders import checked_id, private_dir
 from services.deploy_kubernetes.backends.local.groups import (
@@ -238,6 +244,14 @@ class SandboxedBackend:
         namespace, record and claim that belongs to no app. A slot whose claim another live
         deploy server holds (parked, or being made: a cgroup with no process yet) is its."""
         self._claims.abandoned()  # the claims of dead servers: settled below
+
+        def making(name: str) -> bool:  # a slot another live server is making
+            found = SLOT_RE.match(name)
+            return found is not None and not self._slots.holds_claim(int(found.group(1)))
+
+        # made or claimed half-way by a killed server: removed once no process is in them
+        for group in self._cgroups.remove_partial(keep=making):
+            logger.info("a half-made cgroup left for later: {}", group.paths())
         inodes = {inode: n for n, inode in self._network.existing().items()}
         used: set[int] = set()
         keep: set[str] = set()
@@ -342,7 +356,7 @@ class SandboxedBackend:
         """Once the suite stops (``stop-all``, every deploy server stopped and every app ended):
         remove the host's side of the sandbox (the nft table, the blackhole route, the cgroup
         parents), unless some app or parked slot is still there. True when it was removed."""
-        if self._cgroups.apps() or self._cgroups.unclaimed():
+        if self._cgroups.apps() or self._cgroups.unclaimed() or self._cgroups.remove_partial():
             return False
         await anyio.to_thread.run_sync(self._network.drop_host_side)
         await anyio.to_thread.run_sync(self._cgroups.remove_parents)
