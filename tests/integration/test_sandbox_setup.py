@@ -13,6 +13,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -290,3 +291,37 @@ def test_an_installation_in_a_folder_others_cannot_search_runs_sandboxed(
         assert closed.stat().st_mode & 0o777 == 0o700
     finally:
         shutil.rmtree(closed)
+
+
+MANY_DESCRIPTORS = """
+import os, resource, sys
+from services.deploy_kubernetes.backends.local.network import Network, suite_network
+
+label = sys.argv[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]  # a server's connections
+network = Network("q" + label[:6], suite_network(label))
+network.prepare()
+try:
+    before = len(os.listdir("/proc/self/fd"))
+    ns = network.make(7)
+    print("made", ns.path.exists(), len(os.listdir("/proc/self/fd")) - before)
+    network.remove(ns, link=True)
+finally:
+    network.drop_host_side()
+"""
+
+
+def test_a_sandbox_is_made_while_the_server_holds_over_a_thousand_descriptors() -> None:
+    """libnftables waits with select(), which aborts the process on a descriptor past 1023: the
+    namespace's rule is made in a thread whose descriptor table is its own, with low ones free,
+    and nothing it opened is left in the server's."""
+    result = subprocess.run(
+        [sys.executable, "-c", MANY_DESCRIPTORS, secrets.token_hex(8)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["made", "True", "0"]

@@ -37,6 +37,11 @@ from loguru import logger
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+CLONE_FILES = 0x400
+FD_SETSIZE = 1024
+"""libnftables waits for netlink answers with select(): a socket it opens at descriptor 1024 or
+above aborts the whole process (glibc's fortify check), as a server holding a thousand
+connections would make it do (:func:`nft`)."""
 MS_BIND, MS_REC, MS_SHARED = 4096, 16384, 1 << 20
 MNT_DETACH = 2
 
@@ -66,7 +71,40 @@ _NFT = _nft_library()
 
 
 def nft(commands: str) -> None:
-    """Run an nft batch (atomic) in the calling thread's network namespace."""
+    """Run an nft batch (atomic) in the calling thread's network namespace. Where the server's
+    low descriptors are all taken (:data:`FD_SETSIZE`), in a thread of its own (which starts in
+    the caller's namespace) with a descriptor table of its own, in which the copies of the
+    server's low descriptors are closed first: the rest of the server keeps them."""
+    if _lowest_free() < FD_SETSIZE - 64:
+        _nft(commands)
+        return
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if _LIBC.unshare(CLONE_FILES):
+                raise NetworkError(f"unshare files: {os.strerror(ctypes.get_errno())}")
+            for fd in range(3, FD_SETSIZE):  # copies, in this thread's table only
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            _nft(commands)
+        except BaseException as exc:  # handed to the caller
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="nft")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
+def _lowest_free() -> int:
+    probe = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    os.close(probe)
+    return probe
+
+
+def _nft(commands: str) -> None:
     if _NFT is None:
         raise NetworkError("libnftables.so.1 is missing: install nftables (make setup does)")
     ctx = _NFT.nft_ctx_new(0)
