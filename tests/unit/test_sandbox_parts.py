@@ -90,14 +90,18 @@ def test_v2_limits_freeze_and_oom_count(v2: Cgroups, tmp_path: Path) -> None:
     group = v2.slot(1)
     os.mkdir(group.dirs[""])
     _fake_v2_files(group)
-    group.set_limits(Limits(memory=256 << 20, pids=1024, cpu_millis=500))
+    group.set_limits(Limits(memory=256 << 20, pids=1024, cpu_millis=500))  # a kernel before 5.14
     d = group.dirs[""]
     assert (d / "memory.max").read_text() == str(256 << 20)
     assert (d / "memory.swap.max").read_text() == "0"
     assert (d / "pids.max").read_text() == "1024"
     assert (d / "cpu.max").read_text() == "50000 100000"
+    (d / "cpu.max.burst").write_text("0")  # 5.14 on: what the app left unused, in a burst
+    group.set_limits(Limits(memory=256 << 20, pids=1024, cpu_millis=500))
+    assert (d / "cpu.max.burst").read_text() == "50000"
     group.set_limits(Limits(memory=1, pids=2))
     assert (d / "cpu.max").read_text() == "max 100000"
+    assert (d / "cpu.max.burst").read_text() == "0"
     assert group.memory_limit() == 1
     group.freeze(True)
     assert (d / "cgroup.freeze").read_text() == "1"

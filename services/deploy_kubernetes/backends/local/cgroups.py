@@ -118,14 +118,23 @@ class Group:
         return [int(word) for word in text.split()]
 
     def set_limits(self, limits: Limits) -> None:
+        """The template's limits. A CPU quota may be exceeded in a burst by what the app left
+        unused of it before, up to one period's quota (``cpu.cfs_burst_us``, ``cpu.max.burst``,
+        where the kernel has them, 5.14 on): on average the app gets its share, and a start
+        that runs a few threads at once is not throttled at every period (measured: JupyterLab
+        under ``cpu = "1"`` was seen ready 37-47 ms later than alone without a burst, 9 ms
+        with no quota at all)."""
         quota = (
             "max" if limits.cpu_millis is None else str(limits.cpu_millis * CPU_PERIOD_US // 1000)
         )
+        burst = "0" if quota == "max" else quota
         if self.version == 1:
             self._v1_memory(limits.memory)
             _write(self._dir("pids") / "pids.max", str(limits.pids))
             _write(self._dir("cpu") / "cpu.cfs_period_us", str(CPU_PERIOD_US))
             _write(self._dir("cpu") / "cpu.cfs_quota_us", "-1" if quota == "max" else quota)
+            with contextlib.suppress(FileNotFoundError):  # a kernel before 5.14
+                _write(self._dir("cpu") / "cpu.cfs_burst_us", burst)
             return
         d = self._dir("")
         _write(d / "memory.max", str(limits.memory))
@@ -133,6 +142,8 @@ class Group:
             _write(d / "memory.swap.max", "0")
         _write(d / "pids.max", str(limits.pids))
         _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+        with contextlib.suppress(FileNotFoundError):  # a kernel before 5.14
+            _write(d / "cpu.max.burst", burst)
 
     def _v1_memory(self, memory: int) -> None:
         """``memory.limit_in_bytes`` may not pass ``memory.memsw.limit_in_bytes`` (EINVAL): the
