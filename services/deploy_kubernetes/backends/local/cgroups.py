@@ -393,10 +393,8 @@ class Cgroups:
                 left.append(group)
                 continue
             try:
-                for path in group.dirs.values():
-                    with contextlib.suppress(FileNotFoundError):
-                        os.rmdir(path)
-            except OSError:  # EBUSY: a process came meanwhile
+                group.remove()
+            except OSError:  # EBUSY past its wait: a process came meanwhile
                 left.append(group)
         return left
 
