@@ -51,17 +51,33 @@ class PodWatch:
         self._closing.set()
 
     def _run(self) -> None:
+        """List, then watch from the list's version; again when the watch ends. A pod deleted
+        between two watches is seen gone by the next list (a bare watch again would start
+        from the pods there are, and a wait for that one's deletion would never end)."""
         while not self._closing.is_set():
-            stream = kwatch.Watch().stream(
-                self._core.list_pod_for_all_namespaces,
-                label_selector="binder.suite",
-                timeout_seconds=60,
-            )
-            with contextlib.suppress(Exception):  # an expired watch: watch again
+            with contextlib.suppress(Exception):  # an expired watch: list and watch again
+                listed = self._core.list_pod_for_all_namespaces(label_selector="binder.suite")
+                when = time.perf_counter()
+                self._loop.call_soon_threadsafe(self._listed, listed.items, when)
+                stream = kwatch.Watch().stream(
+                    self._core.list_pod_for_all_namespaces,
+                    label_selector="binder.suite",
+                    resource_version=listed.metadata and listed.metadata.resource_version,
+                    timeout_seconds=60,
+                )
                 for event in stream:
                     self._loop.call_soon_threadsafe(self._note, event, time.perf_counter())
                     if self._closing.is_set():
                         return
+
+    def _listed(self, pods: list[Any], when: float) -> None:
+        there = {pod.metadata.name for pod in pods}
+        for name, marks in self.seen.items():
+            if name not in there:
+                marks.setdefault("gone", when)
+        for pod in pods:
+            self._note({"type": "ADDED", "object": pod}, when)
+        self._changed.set()
 
     def _note(self, event: dict[str, Any], when: float) -> None:
         pod = event["object"]
