@@ -419,8 +419,7 @@ class SandboxedBackend:
             raise LaunchError(f"bad limits: {exc}") from exc
         if spec.id in self._apps:
             raise LaunchError(f"{spec.id} runs already")
-        if not spec.pooled:  # no refill meanwhile; a pool's start waits for no one
-            self._slots.starting(spec.id, started=True)
+        self._slots.starting(spec.id, started=True)  # no refill meanwhile
         try:
             slot = await self._slot()
         except BaseException:
