@@ -7,11 +7,14 @@ as one shared user on the host's network (before the sandbox)."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -23,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from harness import ROOT, Database, DeployServer, LoggingServer, Proxy, wait_for
+from pyroute2 import IPRoute
 
 from common.processes import session_leaders_with
 from services.deploy_kubernetes.backends.local.network import NETNS_DIR
@@ -366,7 +370,13 @@ def test_an_app_reaches_no_service_of_the_suite_and_no_other_app(
         routes = proxy.routes()
         own = httpx.URL(routes[f"/user/{dep_id}"]["target"])
         neighbour = httpx.URL(routes[f"/user/{other}"]["target"])
-        gateway = own.host.rsplit(".", 1)[0] + "." + str(int(own.host.rsplit(".", 1)[1]) - 1)
+        # the app's one route: to the host's gateway address, no default route
+        table = run_in_app(proxy, dep_id, "cat /proc/net/route")["out"].splitlines()[1:]
+        routed = {socket.inet_ntoa(struct.pack("<I", int(row.split()[1], 16))) for row in table}
+        assert len(routed) == 1, table
+        assert "0.0.0.0" not in routed, table
+        gateway = routed.pop()
+        beside = str(ipaddress.IPv4Address(own.host) - 1)  # the host's end of a /30, were it one
         ports = {
             "db": database.port,
             "proxy-api": proxy.api_port,
@@ -377,7 +387,7 @@ def test_an_app_reaches_no_service_of_the_suite_and_no_other_app(
         targets = {
             f"{name}@{host}": (host, port)
             for name, port in ports.items()
-            for host in ("127.0.0.1", gateway)
+            for host in ("127.0.0.1", gateway, beside)
         }
         targets["neighbour"] = (neighbour.host, neighbour.port or 80)
         script = (
@@ -399,6 +409,48 @@ def test_an_app_reaches_no_service_of_the_suite_and_no_other_app(
         )
     finally:
         logging.stop()
+
+
+RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x10, 0x100
+
+
+def _address_changes(watch: socket.socket, links: set[int]) -> list[tuple[str, int]]:
+    """The address messages read from ``watch`` (new or removed) of links not in ``links``."""
+    changes = []
+    with contextlib.suppress(BlockingIOError):
+        while data := watch.recv(65536):
+            while len(data) >= 24:
+                length, kind = struct.unpack_from("=LH", data)
+                index = struct.unpack_from("=I", data, 20)[0]  # ifaddrmsg's, after the header
+                if index not in links:
+                    changes.append(("added" if kind == 20 else "removed", index))
+                data = data[(length + 3) & ~3 :]
+    return changes
+
+
+def test_launches_and_deletes_change_no_address_of_the_host(
+    server: DeployServer, proxy: Proxy
+) -> None:
+    """Programs of the host that watch its addresses take every change for a new network;
+    Chromium fails what it has in flight (``ERR_NETWORK_CHANGED``). A sandbox brings the host a
+    link, never an address: made, launched, deleted."""
+    links = {index for index, _ in socket.if_nameindex()}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as watch:  # NETLINK_ROUTE
+        watch.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        watch.setblocking(False)
+        parked = {p.name for p in NETNS_DIR.iterdir()}
+        kept, deleted = launch(server), launch(server)
+        wait_for(lambda: {p.name for p in NETNS_DIR.iterdir()} - parked, timeout=30)  # slots made
+        target = httpx.URL(proxy.routes()[f"/user/{deleted}"]["target"])
+        with IPRoute() as host:  # the host's link to the app
+            link = host.route("get", dst=target.host)[0].get_attr("RTA_OIF")
+        answer = httpx.delete(
+            f"{server.url}/applications/hostile/{deleted}", headers=server.auth, timeout=30
+        )
+        assert answer.json()["status"] == "deleted"
+        wait_for(lambda: link not in {index for index, _ in socket.if_nameindex()}, timeout=30)
+        assert _address_changes(watch, links) == []
+    assert httpx.get(f"http://127.0.0.1:{proxy.port}/user/{kept}/", timeout=10).status_code == 200
 
 
 def test_apps_on_loopback_and_on_every_address_both_answer_through_the_proxy(

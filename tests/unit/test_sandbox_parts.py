@@ -192,7 +192,7 @@ def test_slot_addresses() -> None:
     network = Network("bab12cd", suite_network("a" * 16))
     ns = network.netns(5)
     base = suite_network("a" * 16).network_address
-    assert (ns.host_if, ns.host_addr, ns.app_addr) == ("bab12cd5", str(base + 21), str(base + 22))
+    assert (ns.host_if, ns.app_addr, ns.gateway) == ("bab12cd5", str(base + 22), str(base + 1))
     assert ns.path == Path("/run/netns/bab12cd-5")
     assert network.slots == 1024
     with pytest.raises(ValueError, match="prefix"):

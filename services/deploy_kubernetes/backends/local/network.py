@@ -1,16 +1,24 @@
 """The sandboxed apps' network namespaces: one per app, made ahead of its launch (a slot).
 
 Slot ``n`` is the namespace file ``/run/netns/<prefix>-<n>`` with a veth pair: ``<prefix><n>`` on
-the host with address ``4n+1/30`` of the suite's network, ``eth0`` inside with ``4n+2/30``. Inside:
-``lo`` up, IPv6 off, ``route_localnet`` on and one nft rule, ``iifname "eth0" ip daddr <app
-address> dnat to 127.0.0.1`` (the port kept), and no default route. So the proxy reaches an app
-at ``http://<app address>:<port>`` whether it listens on 127.0.0.1 or 0.0.0.0; the app reaches
-nothing but its own loopback (not the host's services, not another app, not the outside).
+the host, with no address of its own and IPv6 off, and ``eth0`` inside with address ``4n+2/32``
+of the suite's network. The host routes that one address to its veth; inside, the one route is
+to the suite's gateway (the network's first address, held once by the host's ``lo``), whose
+neighbour entry is the host veth's. Inside: ``lo`` up, IPv6 off, ``route_localnet`` on and one nft
+rule, ``iifname "eth0" ip daddr <app address> dnat to 127.0.0.1`` (the port kept), and no default
+route. So the proxy reaches an app at ``http://<app address>:<port>`` whether it listens on
+127.0.0.1 or 0.0.0.0; the app reaches nothing but its own loopback (not the host's services, not
+another app, not the outside).
+
+Making or removing a slot adds or removes no address of the host: only links. Programs on the
+host that watch its addresses take every change for a new network; Chromium, for one, then fails
+the requests it has in flight (``ERR_NETWORK_CHANGED``), and it did in the page tests, whenever a
+slot was made or an app ended while a page loaded.
 
 The host's side is made once (:meth:`Network.prepare`): an nft table of the suite (``inet
 binder_<suite>``) that drops what an app sends the host, except replies, and every packet to be
-forwarded from or to an app; a blackhole route for the suite's network (an address whose veth is
-gone is not sent to the default gateway).
+forwarded from or to an app; the gateway address; a blackhole route for the suite's network (an
+address whose veth is gone is not sent to the default gateway).
 
 Made in-process, through netlink (pyroute2) and libnftables (ctypes): 6-12 ms a namespace here
 against 45-55 ms with ``ip``/``nft`` commands (measured), and no process spawned. A namespace is
@@ -44,6 +52,7 @@ above aborts the whole process (glibc's fortify check), as a server holding a th
 connections would make it do (:func:`nft`)."""
 MS_BIND, MS_REC, MS_SHARED = 4096, 16384, 1 << 20
 MNT_DETACH = 2
+NUD_PERMANENT = 0x80
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -136,13 +145,14 @@ def suite_network(suite: str) -> ipaddress.IPv4Network:
 
 @dataclass(frozen=True)
 class Netns:
-    """Slot ``n``'s namespace: its file, its host-side link and both addresses."""
+    """Slot ``n``'s namespace: its file, its host-side link, the app's address and the suite's
+    gateway (the host's one address the app has a route to)."""
 
     n: int
     path: Path
     host_if: str
-    host_addr: str
     app_addr: str
+    gateway: str
 
 
 class Network:
@@ -156,6 +166,7 @@ class Network:
         self.network = network
         self.table = f"binder_{prefix}"
         self.slots = network.num_addresses // 4
+        self.gateway = str(network.network_address + 1)
         self._lock = threading.Lock()
 
     def netns(self, n: int) -> Netns:
@@ -163,7 +174,7 @@ class Network:
             raise NetworkError(f"slot {n} is out of the suite's network {self.network}")
         base = self.network.network_address + 4 * n
         return Netns(
-            n, NETNS_DIR / f"{self.prefix}-{n}", f"{self.prefix}{n}", str(base + 1), str(base + 2)
+            n, NETNS_DIR / f"{self.prefix}-{n}", f"{self.prefix}{n}", str(base + 2), self.gateway
         )
 
     def existing(self) -> dict[int, int]:
@@ -182,7 +193,7 @@ class Network:
     def prepare(self) -> None:
         """The host's side, once per start: ``/run/netns`` a shared mount of its own (as
         iproute2 makes it: an unmount there leaves no copy that keeps a namespace alive), the
-        suite's nft table made anew, the blackhole route."""
+        suite's nft table made anew, the gateway address on ``lo``, the blackhole route."""
         NETNS_DIR.mkdir(mode=0o755, exist_ok=True)
         if _LIBC.mount(b"", bytes(NETNS_DIR), b"none", MS_SHARED | MS_REC, None):
             if _LIBC.mount(bytes(NETNS_DIR), bytes(NETNS_DIR), b"none", MS_BIND | MS_REC, None):
@@ -199,14 +210,26 @@ class Network:
             " chain forward {\n  type filter hook forward priority -10; policy accept;\n"
             f'  iifname "{p}*" drop\n  oifname "{p}*" drop\n }}\n}}\n'
         )
-        self._in_host(self._blackhole, "add")
+        self._in_host(self._host_routes, "add")
 
     def drop_host_side(self) -> None:
-        """Remove the nft table and the blackhole route (when no app is left)."""
+        """Remove the nft table, the gateway address and the blackhole route (when no app is
+        left)."""
         with contextlib.suppress(NetworkError):
             nft(f"delete table inet {self.table}\n")
         with contextlib.suppress(NetworkError):
-            self._in_host(self._blackhole, "del")
+            self._in_host(self._host_routes, "del")
+
+    def _host_routes(self, host: Any, action: str) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        lo = host.link_lookup(ifname="lo")[0]
+        try:  # EEXIST on add (another server of the host, a restart), EADDRNOTAVAIL on delete
+            host.addr(action, index=lo, address=self.gateway, prefixlen=32)
+        except NetlinkError as exc:
+            if exc.code not in (17, 99):
+                raise NetworkError(f"gateway address {self.gateway}: {exc}") from exc
+        self._blackhole(host, action)
 
     def _blackhole(self, host: Any, action: str) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
@@ -240,10 +263,11 @@ class Network:
         host = IPRoute()
         try:
             host.link_lookup(ifname="lo")  # this thread's host socket, before the unshare
-            self._unshare_and_fill(ns, host)
-            index = host.link_lookup(ifname=ns.host_if)[0]
-            host.addr("add", index=index, address=ns.host_addr, prefixlen=30)
+            index = self._unshare_and_fill(ns, host)
+            with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
+                _write(f"/proc/sys/net/ipv6/conf/{ns.host_if}/disable_ipv6", "1")
             host.link("set", index=index, state="up")
+            host.route("add", dst=ns.app_addr, dst_len=32, oif=index, prefsrc=ns.gateway, scope=253)
             result.append(ns)
         except BaseException as exc:  # handed to the caller's thread
             with contextlib.suppress(Exception):
@@ -253,7 +277,9 @@ class Network:
         finally:
             host.close()
 
-    def _unshare_and_fill(self, ns: Netns, host: Any) -> None:
+    def _unshare_and_fill(self, ns: Netns, host: Any) -> int:
+        """Make the namespace and fill it; the host veth's index (the link still down, with IPv6
+        off: no link-local address comes and goes with it)."""
         from pyroute2 import IPRoute
 
         back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -278,12 +304,18 @@ class Network:
                     )
                 finally:
                     os.close(inside)
+                index: int = host.link_lookup(ifname=ns.host_if)[0]
+                mac = host.get_links(index)[0].get_attr("IFLA_ADDRESS")
                 with IPRoute() as inner:  # a socket of the new namespace
                     lo = inner.link_lookup(ifname="lo")[0]
                     eth = inner.link_lookup(ifname="eth0")[0]
                     inner.link("set", index=lo, state="up")
-                    inner.addr("add", index=eth, address=ns.app_addr, prefixlen=30)
+                    inner.addr("add", index=eth, address=ns.app_addr, prefixlen=32)
                     inner.link("set", index=eth, state="up")
+                    inner.route("add", dst=ns.gateway, dst_len=32, oif=eth, scope=253)
+                    # the gateway's neighbour set, not asked by ARP: a host that answers ARP only
+                    # for the receiving link's own addresses (arp_ignore) would never answer
+                    inner.neigh("add", dst=ns.gateway, lladdr=mac, ifindex=eth, state=NUD_PERMANENT)
                 nft(
                     "table ip binder {\n chain pre {\n"
                     "  type nat hook prerouting priority dstnat; policy accept;\n"
@@ -295,6 +327,7 @@ class Network:
                     os._exit(70)  # nothing of the server may go on in an app's namespace
         finally:
             os.close(back)
+        return index
 
     @staticmethod
     def _delete_link(host: Any, ns: Netns) -> None:

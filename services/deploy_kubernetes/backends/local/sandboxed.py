@@ -354,8 +354,9 @@ class SandboxedBackend:
 
     async def retire(self) -> bool:
         """Once the suite stops (``stop-all``, every deploy server stopped and every app ended):
-        remove the host's side of the sandbox (the nft table, the blackhole route, the cgroup
-        parents), unless some app or parked slot is still there. True when it was removed."""
+        remove the host's side of the sandbox (the nft table, the gateway address and the
+        blackhole route, the cgroup parents), unless some app or parked slot is still there.
+        True when it was removed."""
         if self._cgroups.apps() or self._cgroups.unclaimed() or self._cgroups.remove_partial():
             return False
         await anyio.to_thread.run_sync(self._network.drop_host_side)
