@@ -26,6 +26,7 @@ kill -9 of the database) holds its reason. Exit condition: delete it when the se
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    gc.freeze()  # what starting made lives as long as the server: out of the collector's scans
     server.start()
     server.wait()
     return 0

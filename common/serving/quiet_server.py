@@ -11,11 +11,18 @@ versions of uvicorn it was checked against are the upper bounds in ``pyproject.t
 
 Exit condition: delete it when uvicorn's own main loop stops waking every 0.1 s (when it waits on
 its exit event between the once-a-second header refreshes).
+
+Once serving, it also moves everything made while starting (modules, the app, the clients) out
+of the garbage collector's scans (``gc.freeze``): a full collection of the deploy server took
+23-32 ms of its one thread, every 3 s under launches, and landed in bursts of launches; 1.6-2.2
+ms after (measured with ``gc.callbacks`` during bursts of 10). Objects are still freed by their
+reference counts; only cycles among them are never collected, and none is made to be dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import sys
 from types import FrameType
@@ -37,6 +44,7 @@ class QuietServer(uvicorn.Server):
 
     async def main_loop(self) -> None:
         self._loop = asyncio.get_running_loop()
+        gc.freeze()
         counter = 0
         while not await self.on_tick(counter):
             counter = (counter + DATE_TICKS) % 864_000

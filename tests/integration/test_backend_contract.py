@@ -219,3 +219,58 @@ def test_local_apps_never_share_a_port(tmp_path: Path, monkeypatch: pytest.Monke
                 assert (await client.get(ready.target + spec.base_url)).status_code == 200
 
     _run(backend, body)
+
+
+def test_sandbox_slots_are_made_beside_a_pools_start_not_beside_a_launchs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot's making takes CPU from an app that starts: while a launch's app starts, the slot
+    refill waits (here for good, the quiet wait made endless) until it is ready; a pool's
+    instance starts for no one waiting, so the slots it spends are made again at once, and a
+    busy pool leaves no empty slot pool to the next burst."""
+    from services.deploy_kubernetes.backends.local import slots
+
+    monkeypatch.setattr(slots, "REFILL_QUIET_SECONDS", 3600.0)
+    backend, _, _ = _sandboxed(tmp_path)
+    assert isinstance(backend, SandboxedBackend)
+    slow = Template(name="slow", command=(*EXAMPLE_COMMAND, "--delay", "3"))
+
+    async def start(pooled: bool) -> tuple[list[int], int]:
+        """The parked slots seen while the app starts, and when it is ready."""
+        await _until(lambda: backend.running_slots() == 2)
+        spec = LaunchSpec(id=new_id(), template=slow, pooled=pooled)
+        started = await backend.launch(spec)
+        seen: list[int] = []
+        async with anyio.create_task_group() as tasks:
+
+            async def look() -> None:
+                while True:
+                    seen.append(backend.running_slots())
+                    await anyio.sleep(0.01)
+
+            tasks.start_soon(look)
+            await backend.wait_ready(spec, started, deadline=time.monotonic() + 60)
+            tasks.cancel_scope.cancel()
+        at_ready = backend.running_slots()
+        await _until(lambda: backend.running_slots() == 2)  # made once it was ready
+        await backend.stop(spec.id, started.ref)
+        return seen, at_ready
+
+    async def body(events: list[Observed]) -> None:
+        seen, _ = await start(pooled=True)
+        assert seen[0] == 1
+        assert 2 in seen  # made again while the pool's app was starting
+        seen, at_ready = await start(pooled=False)
+        assert set(seen) == {1}  # nothing made while the launch's app was starting
+        assert at_ready == 1
+
+    _run(backend, body)
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    """Return once ``check()`` holds, looked at every 10 ms; fail after 10 s."""
+    with anyio.fail_after(10):
+        while True:
+            if check():
+                return
+            await anyio.sleep(0.01)

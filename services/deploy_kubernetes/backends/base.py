@@ -32,6 +32,8 @@ class LaunchSpec:
     id: str
     template: Template
     token: str = field(default="", repr=False)
+    pooled: bool = False
+    """An instance for a template's pool: no one waits for its start."""
 
     @property
     def base_url(self) -> str:

@@ -236,7 +236,7 @@ class Launcher:
         observed: Observed | None,
         written: asyncio.Future[None] | None,
     ) -> None:
-        spec = LaunchSpec(id=dep.id, template=template, token=dep.token or "")
+        spec = LaunchSpec(id=dep.id, template=template, token=dep.token or "", pooled=dep.pooled)
         elapsed = (now() - dep.created).total_seconds()
         deadline = time.monotonic() + max(1.0, self.timeout - elapsed)
         if observed is None:  # found again by its id (labels, environment) after a crash

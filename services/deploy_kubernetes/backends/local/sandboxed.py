@@ -420,7 +420,8 @@ class SandboxedBackend:
             raise LaunchError(f"bad limits: {exc}") from exc
         if spec.id in self._apps:
             raise LaunchError(f"{spec.id} runs already")
-        self._slots.starting(spec.id, started=True)  # no refill meanwhile
+        if not spec.pooled:  # no refill meanwhile; a pool's start waits for no one
+            self._slots.starting(spec.id, started=True)
         try:
             slot = await self._slot()
         except BaseException:

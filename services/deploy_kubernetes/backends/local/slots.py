@@ -200,8 +200,10 @@ class Slots:
             return len(self._ready)
 
     async def run(self) -> None:
-        """Keep ``size`` slots parked, made one at a time in a worker thread while no app is
-        starting (:meth:`starting`), or, when apps start all the while, one per
+        """Keep ``size`` slots parked, made one at a time in a worker thread while no launch's
+        app is starting (:meth:`starting`; a pool's instances are started for no one waiting,
+        so they hold nothing back: a busy pool would otherwise leave the slots spent for the
+        next burst), or, when launches' apps start all the while, one per
         :data:`REFILL_QUIET_SECONDS`: a slot's ~15-20 ms of CPU, spent while an app starts on
         the same two cores, slows its start (measured: 57 ms a launch when each launch was
         followed by its refill; 22 ms when the refill waited for a second without launches,
@@ -224,7 +226,7 @@ class Slots:
             await self._wanted.wait()
 
     def starting(self, dep_id: str, *, started: bool) -> None:
-        """An app of a launch is starting (until it is ready, failed or stopped)."""
+        """A launch's app is starting (until it is ready, failed or stopped): someone waits."""
         if started:
             self._starting.add(dep_id)
             return
