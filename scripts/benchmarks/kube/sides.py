@@ -35,8 +35,9 @@ connect attempts a second in all, which two cores afford beside the node's own w
 
 
 class PodWatch:
-    """One watch of the bench's pods (both namespaces): when each was first seen, seen with its
-    IP and its container running, and gone, on the bench's clock."""
+    """One watch of the bench's pods (both namespaces): when each was first seen, seen bound to
+    the node (the scheduler's part done), seen with its IP and its container running (the
+    kubelet's and containerd's), and gone, on the bench's clock."""
 
     def __init__(self, api: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._core = kclient.CoreV1Api(api)
@@ -88,6 +89,8 @@ class PodWatch:
             self.ips[pod.metadata.name] = status.pod_ip
             marks.setdefault("ip", when)
         marks.setdefault("added", when)
+        if pod.spec and pod.spec.node_name:
+            marks.setdefault("scheduled", when)
         if event["type"] == "DELETED":
             marks.setdefault("gone", when)
         self._changed.set()
@@ -267,5 +270,5 @@ def record(out: Launches, start: float, done: dict[str, float], pods: PodWatch) 
     out.walls.append(max(seconds, default=0.0))
     for name, when in done.items():
         marks = pods.seen.get(name, {})
-        kept = {k: v - start for k, v in marks.items() if k in ("added", "ip")}
+        kept = {k: v - start for k, v in marks.items() if k in ("added", "scheduled", "ip")}
         out.marks.append({**kept, "done": when - start})
