@@ -264,6 +264,7 @@ class Network:
         try:
             host.link_lookup(ifname="lo")  # this thread's host socket, before the unshare
             index = self._unshare_and_fill(ns, host)
+            # before it is up: no link-local address comes and goes with it
             with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
                 _write(f"/proc/sys/net/ipv6/conf/{ns.host_if}/disable_ipv6", "1")
             host.link("set", index=index, state="up")
@@ -278,8 +279,8 @@ class Network:
             host.close()
 
     def _unshare_and_fill(self, ns: Netns, host: Any) -> int:
-        """Make the namespace and fill it; the host veth's index (the link still down, with IPv6
-        off: no link-local address comes and goes with it)."""
+        """Make the namespace and fill it; the host veth's index (the link still down: its IPv6
+        is turned off from the host's namespace before it comes up)."""
         from pyroute2 import IPRoute
 
         back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
