@@ -9,8 +9,9 @@ template.
 
 Both run interleaved on the same node, one at a time and in bursts (all created, or POSTed, at
 once; each burst once the last one's pods are gone), so that a busy machine weighs on both alike.
-Also measured: pooled launches (the POST alone), the API calls per launch, the deploy server's
-CPU per launch, and where a launch spends its time (from the bench's own watch of the pods: the
+Also measured: pooled launches (the POST alone), the API calls per launch, what a launch costs
+the suite (the CPU of the deploy server, the database and the proxy, which share the node's cores
+here, and the database's operations), and where a launch spends its time (from the bench's own watch of the pods: the
 pod first seen, then seen running with its IP; from the client: answered, or deployed).
 """
 
@@ -33,7 +34,7 @@ from kubernetes import config as kconfig
 from kubernetes.client.exceptions import ApiException
 
 from common.local_http import request
-from scripts.benchmarks.kube.sides import Floor, Launches, PodWatch, Suite
+from scripts.benchmarks.kube.sides import Floor, Launches, PodWatch, Suite, suite_pids
 from scripts.benchmarks.shared import ROOT, pct, report, suite
 from services.deploy_kubernetes.backends.kubernetes.objects import requests
 from services.deploy_kubernetes.engine.deployer import read_template_files
@@ -115,7 +116,7 @@ async def _measure(
     template launched one at a time (``jupyter``: that phase alone)."""
     (example,) = [t for t in read_template_files(ROOT / "configs" / "templates") if t.name == name]
     pods = PodWatch(api, asyncio.get_running_loop())
-    floor, launches = Floor(api, floor_ns, pods), Suite(server, pods)
+    floor, launches = Floor(api, floor_ns, pods, suite_pids(server)), Suite(server, pods)
     node_cpu = await asyncio.to_thread(_node_cpu, api)
     fl: dict[str, Launches] = {"one": Launches()}
     su: dict[str, Launches] = {"one": Launches()}
@@ -200,7 +201,7 @@ def _figures(r: Results) -> tuple[dict[str, float | int | str], dict[str, str]]:
         "failures": sum(len(s.failures) for s in r.suite.values()),
         "api_calls_per_launch": sum(r.calls_per_launch.values()),
         "api_writes_per_launch": sum(v for k, v in r.calls_per_launch.items() if k in WRITES),
-        "server_cpu_ms_per_launch": statistics.median(su.cpu_ms),
+        "server_cpu_ms_per_launch": statistics.median(c["server_cpu_ms"] for c in su.costs),
         # where the time goes (medians, from the bench's own pod watch)
         "floor_create_to_ip_ms": _mark(fl, "start", "ip"),
         "floor_ip_to_answer_ms": _mark(fl, "ip", "done"),
@@ -211,7 +212,15 @@ def _figures(r: Results) -> tuple[dict[str, float | int | str], dict[str, str]]:
     }
     for n in bursts:
         b, fb = r.suite[f"burst{n}"], r.floor[f"burst{n}"]
-        f[f"server_cpu_ms_per_launch_burst{n}"] = statistics.median(b.cpu_ms)
+        # what a launch costs the suite, on the cores the node's kubelet, containerd and apps use
+        for cost in b.costs[0]:
+            f[f"burst{n}_{cost}_per_launch"] = statistics.median(c[cost] for c in b.costs)
+        # the machine's CPU per launch by part, each side's bursts (ms): what the suite adds
+        for part in b.machine[0]:
+            f[f"burst{n}_floor_machine_{part}_cpu_ms"] = statistics.median(
+                m[part] for m in fb.machine
+            )
+            f[f"burst{n}_machine_{part}_cpu_ms"] = statistics.median(m[part] for m in b.machine)
         f[f"burst{n}_floor_create_to_seen_p95_ms"] = _mark(fb, "start", "added", 0.95)
         f[f"burst{n}_post_to_seen_p95_ms"] = _mark(b, "start", "added", 0.95)
         # the scheduler's part, then the kubelet's and containerd's (sandbox, network, container)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pymongo
 from harness import DeployServer
 from kubernetes import client as kclient
 from kubernetes import watch as kwatch
@@ -130,16 +131,21 @@ class Launches:
     failures: list[str] = field(default_factory=list)
     marks: list[dict[str, float]] = field(default_factory=list)
     """Per launch, its watch marks (and ``done``) in seconds from its start."""
-    cpu_ms: list[float] = field(default_factory=list)
+    costs: list[dict[str, float]] = field(default_factory=list)
+    """Per phase, what a launch cost the suite (:func:`costs`)."""
+    machine: list[dict[str, float]] = field(default_factory=list)
+    """Per phase, the machine's CPU by part (:func:`machine_cpu`), per launch."""
 
 
 class Floor:
     """Pods of the backend's own spec, created directly through the API."""
 
-    def __init__(self, api: Any, namespace: str, pods: PodWatch) -> None:
+    def __init__(self, api: Any, namespace: str, pods: PodWatch, suite: set[int]) -> None:
         self._core = kclient.CoreV1Api(api)
         self._namespace = namespace
         self._pods = pods
+        self._suite = suite
+        """The suite's processes, idle meanwhile but for their background work."""
 
     async def burst(self, template: Template, n: int, out: Launches) -> None:
         specs = [
@@ -149,6 +155,7 @@ class Floor:
         # manifests as dicts, which the client takes
         pods: list[Any] = [make_pod(s, namespace=self._namespace, suite="floor") for s in specs]
         names = [p["metadata"]["name"] for p in pods]
+        machine = await asyncio.to_thread(machine_cpu, self._suite)
         start = time.perf_counter()
 
         async def one(pod: Any, spec: LaunchSpec) -> float:
@@ -162,6 +169,7 @@ class Floor:
                 await asyncio.sleep(FLOOR_POLL_SECONDS * n)
 
         done = await asyncio.gather(*(one(p, s) for p, s in zip(pods, specs, strict=True)))
+        out.machine.append(_per(await asyncio.to_thread(machine_cpu, self._suite), machine, n))
         record(out, start, dict(zip(names, done, strict=True)), self._pods)
         await asyncio.gather(
             *(
@@ -192,10 +200,13 @@ class Suite:
         return time.perf_counter(), dep_id, status
 
     async def burst(self, template: str, n: int, out: Launches) -> None:
-        before = server_cpu_ms(self.server)
+        before = await asyncio.to_thread(costs, self.server)
+        machine = await asyncio.to_thread(machine_cpu, suite_pids(self.server))
         start = time.perf_counter()
         launched = await asyncio.gather(*(self._launch(template) for _ in range(n)))
-        out.cpu_ms.append((server_cpu_ms(self.server) - before) / n)
+        after = await asyncio.to_thread(machine_cpu, suite_pids(self.server))
+        out.machine.append(_per(after, machine, n))
+        out.costs.append(_per(await asyncio.to_thread(costs, self.server), before, n))
         ids = [i for _, i, _ in launched if i]
         out.failures += [s for _, _, s in launched if s != "deployed"]
         deployed = {f"binder-{i}": done for done, i, s in launched if s == "deployed"}
@@ -256,10 +267,80 @@ class Suite:
         return calls
 
 
-def server_cpu_ms(server: DeployServer) -> float:
-    """User + system CPU of the deploy server's process (all its threads), in milliseconds."""
+def suite_pids(server: DeployServer) -> set[int]:
+    """The deploy server's, its database's and its proxy's processes."""
     assert server.proc is not None
-    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return {server.proc.pid, server.db.proc.pid, server.proxy.proc.pid}
+
+
+PARTS = {
+    "node": ("kubelet", "containerd", "containerd-shim", "runc", "pause", "kube-proxy"),
+    "control_plane": ("kube-apiserver", "etcd", "kube-scheduler", "kube-controller", "kwok"),
+}
+"""Programs by the part of the machine they are (their names as /proc gives them, cut to 15
+characters); the apps' own processes fall in ``other``."""
+
+
+def machine_cpu(suite: set[int]) -> dict[str, float]:
+    """The machine's CPU so far (ms), in all (``total``, from /proc/stat) and by part: the node
+    (kubelet, containerd, its shims and runc), the control plane, the suite's processes
+    (``suite``), this bench, and the rest (``other``: the apps, the kernel's threads). A
+    process counts with the children it reaped: a short-lived runc is the shim's or
+    containerd's; one that was there at the first look and was reaped before the next counts
+    twice (rare, and small)."""
+    with open("/proc/stat") as f:
+        jiffies = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal: all but idle and iowait
+    total = (sum(jiffies[:8]) - jiffies[3] - jiffies[4]) * 1000 / TICKS
+    parts = dict.fromkeys((*PARTS, "suite", "bench"), 0.0)
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        ms = sum(int(v) for v in rest[11:15]) * 1000 / TICKS  # utime stime cutime cstime
+        pid = int(entry.name)
+        part = (
+            "suite"
+            if pid in suite
+            else "bench"
+            if pid == me
+            else next((p for p, names in PARTS.items() if comm.startswith(names)), None)
+        )
+        if part is not None:
+            parts[part] += ms
+    return {"total": total, **parts, "other": total - sum(parts.values())}
+
+
+def _per(after: dict[str, float], before: dict[str, float], n: int) -> dict[str, float]:
+    return {k: (after[k] - before.get(k, 0.0)) / n for k in after}
+
+
+def costs(server: DeployServer) -> dict[str, float]:
+    """What the suite has spent so far: the CPU (user + system, all threads, in milliseconds)
+    of the deploy server, its database and its proxy, and the database's operations by kind
+    (``serverStatus``' counters: a command, a getMore of the change streams, ...)."""
+    assert server.proc is not None
+    spent = {
+        f"{name}_cpu_ms": _cpu_ms(proc.pid)
+        for name, proc in (
+            ("server", server.proc),
+            ("db", server.db.proc),
+            ("proxy", server.proxy.proc),
+        )
+    }
+    db: pymongo.MongoClient[dict[str, Any]]
+    with pymongo.MongoClient(server.db.uri, serverSelectionTimeoutMS=10_000) as db:
+        counters = db.admin.command("serverStatus")["opcounters"]
+    return spent | {f"db_{kind}s": float(count) for kind, count in counters.items()}
+
+
+def _cpu_ms(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) * 1000 / TICKS
 
 
