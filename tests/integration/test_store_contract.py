@@ -3,6 +3,7 @@ database server, and the fake the unit tests use, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -251,6 +252,89 @@ def test_a_template_keeps_the_version_that_seeded_it_until_the_next_seeding(
         assert await store.seeded_templates() == {"web": parse_template(reseed.to_api())}
         assert await store.delete_template("web") is True
         assert await store.seeded_templates() == {}
+
+    run(make_store, case)
+
+
+def test_records_ended_at_once_each_end_once_with_numbers_of_their_own(
+    make_store: Callable[[], Store],
+) -> None:
+    """A burst deleted at once (some of its apps failing meanwhile, some deleted twice):
+    each record ends once, in the first status it was moved to, counted out once, with a
+    number of the suite's sequence and of its template's that no other record has."""
+
+    async def case(store: Store) -> None:
+        deps = [_dep("web" if i % 3 else "other") for i in range(30)]
+        for dep in deps:
+            await store.insert(dep)
+        deleted, failed = Change(reason="deleted"), Change(reason="the app exited")
+        moves = [store.move(d.id, Status.DELETED, deleted) for d in deps]
+        moves += [store.move(d.id, Status.DELETED, deleted) for d in deps[:5]]  # twice
+        moves += [store.move(d.id, Status.FAILED, failed) for d in deps[5:10]]  # raced
+        answers = await asyncio.gather(*moves)
+        ends = {d.id: await store.get(d.id) for d in deps}
+        for dep, answer in zip(deps + deps[:5], answers[:35], strict=True):
+            end = ends[dep.id]
+            assert end is not None
+            assert answer == end
+        for dep, answer in zip(deps[5:10], answers[35:], strict=True):
+            end = ends[dep.id]
+            assert end is not None
+            assert answer is None if end.status is Status.DELETED else answer == end
+        assert (await store.counts()).total == 0
+        lowest, last = await store.ended_range(None)
+        assert (lowest, last) == (1, 30)
+        numbered = await store.ended(template=None, numbers=list(range(1, 31)))
+        assert sorted(d.id for d in numbered) == sorted(d.id for d in deps)
+        for template, n in (("web", 20), ("other", 10)):
+            assert await store.ended_range(template) == (1, n)
+            own = await store.ended(template=template, numbers=list(range(1, n + 1)))
+            assert sorted(d.id for d in own) == sorted(d.id for d in deps if d.template == template)
+
+    run(make_store, case)
+
+
+def test_progress_told_at_once_by_many_launches_reaches_followers_once_each_in_order(
+    make_store: Callable[[], Store],
+) -> None:
+    """A burst's pods report their progress within milliseconds of each other: every message
+    reaches the servers' followers once, each launch's in the order its backend told them."""
+
+    async def case(store: Store) -> None:
+        seen: list[tuple[str, str]] = []
+        arrived = anyio.Event()
+
+        async def follow() -> None:
+            nonlocal arrived
+            async for event in store.events():
+                if event.progress is not None:
+                    seen.append(event.progress)
+                    arrived.set()
+                    arrived = anyio.Event()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            with anyio.fail_after(10):  # the change stream follows from when it is open
+                while not seen:
+                    await store.progress("probe", "listening?")
+                    with anyio.move_on_after(0.05):
+                        await arrived.wait()
+            seen.clear()
+            told = {new_id(): [f"step {i}" for i in range(8)] for _ in range(5)}
+
+            async def tell(dep_id: str, messages: list[str]) -> None:
+                for message in messages:
+                    await store.progress(dep_id, message)
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tellers:
+                    for dep_id, messages in told.items():
+                        tellers.start_soon(tell, dep_id, messages)
+                while len([p for p in seen if p[0] in told]) < 40:
+                    await arrived.wait()
+            tg.cancel_scope.cancel()
+        for dep_id, messages in told.items():
+            assert [m for d, m in seen if d == dep_id] == messages
 
     run(make_store, case)
 

@@ -58,27 +58,41 @@ class MongoHistory:
         await self._deps.create_index([("ended_seq", ASCENDING)], unique=True, sparse=True)
         await self._deps.create_index([("template_seq", ASCENDING)], unique=True, sparse=True)
 
-    async def _next(self, session: AsyncClientSession, key: str) -> int:
+    async def _take(self, session: AsyncClientSession, key: str, count: int) -> list[int]:
+        """The next ``count`` numbers of sequence ``key``, in order."""
         doc = await self._counters.find_one_and_update(
             {"_id": key},
-            {"$inc": {"n": 1}},
+            {"$inc": {"n": count}},
             upsert=True,
             return_document=ReturnDocument.AFTER,
             session=session,
         )
         assert doc is not None
-        return int(doc["n"])
+        last = int(doc["n"])
+        return list(range(last - count + 1, last + 1))
 
-    async def numbers(
-        self, session: AsyncClientSession, template: str, to: Status
-    ) -> dict[str, Any]:
-        """The numbers of a record that ends now (in its transaction), and its status counted."""
-        ended = await self._next(session, ENDED)
-        own = await self._next(session, f"{ENDED}:{template}")
-        await self._counters.update_one(
-            {"_id": f"{ENDED}-status:{to.value}"}, {"$inc": {"n": 1}}, upsert=True, session=session
-        )
-        return {"ended_seq": ended, "template_seq": _template_key(template, own)}
+    async def numbers_of(
+        self, session: AsyncClientSession, ending: list[tuple[str, Status]]
+    ) -> list[dict[str, Any]]:
+        """The numbers of the records that end now (their templates and final statuses, in
+        the transaction that ends them, in order), and their statuses counted: one step per
+        sequence and per status, however many end together."""
+        if not ending:
+            return []
+        ended = await self._take(session, ENDED, len(ending))
+        templates = Counter(template for template, _ in ending)
+        own = {t: iter(await self._take(session, f"{ENDED}:{t}", n)) for t, n in templates.items()}
+        for to, n in Counter(to for _, to in ending).items():
+            await self._counters.update_one(
+                {"_id": f"{ENDED}-status:{to.value}"},
+                {"$inc": {"n": n}},
+                upsert=True,
+                session=session,
+            )
+        return [
+            {"ended_seq": number, "template_seq": _template_key(template, next(own[template]))}
+            for number, (template, _) in zip(ended, ending, strict=True)
+        ]
 
     async def _last(self, key: str) -> int:
         doc = await self._counters.find_one({"_id": key})

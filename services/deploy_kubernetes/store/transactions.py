@@ -87,8 +87,9 @@ class Batches(Generic[T, U]):
     """Items submitted at once go through ``run`` together: one call while none runs, then
     every item that came meanwhile in the next (at most :data:`MAX_BATCH`)."""
 
-    def __init__(self, run: Callable[[list[T]], Awaitable[list[U]]]) -> None:
+    def __init__(self, run: Callable[[list[T]], Awaitable[list[U]]], *, name: str) -> None:
         self._run = run
+        self._name = name
         self._pending: list[tuple[T, asyncio.Future[U]]] = []
         self._worker: asyncio.Task[None] | None = None
 
@@ -98,7 +99,7 @@ class Batches(Generic[T, U]):
         self._pending.append((item, future))
         if self._worker is None or self._worker.done():
             # in the submitter's context: a leader's batches run under its fence
-            self._worker = loop.create_task(self._drain(), name="admissions")
+            self._worker = loop.create_task(self._drain(), name=self._name)
         return await future
 
     async def _drain(self) -> None:
