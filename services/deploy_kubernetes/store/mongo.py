@@ -41,7 +41,7 @@ import asyncio
 import functools
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
@@ -89,6 +89,8 @@ from services.deploy_kubernetes.store.transactions import Abort, Batches, Confli
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
+A = TypeVar("A")
 
 TOTAL = "total"
 DUPLICATE_KEY = 11000
@@ -109,6 +111,25 @@ HISTORY_LOST = (136, 280, 286)
 
 class _Fenced(Exception):
     pass
+
+
+async def _fenced_batch(
+    batchers: dict[Fence | None, Batches[T, A | Exception]],
+    run: Callable[[list[T]], Awaitable[list[A | Exception]]],
+    name: str,
+    item: T,
+) -> A:
+    """``item`` through ``run`` with the items that come with it: a leader's go together,
+    fenced (the batch's worker runs in the context of its first submitter); the others
+    together. An exception answered for ``item`` alone is raised here."""
+    fence = FENCE.get()
+    batches = batchers.get(fence)
+    if batches is None:
+        batches = batchers[fence] = Batches(run, name=name)
+    answer = await batches.submit(item)
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 @dataclass(frozen=True)
@@ -272,14 +293,7 @@ class MongoStore:
         return await self._admit(admission)
 
     async def _admit(self, admission: Admission) -> Refusal | None:
-        fence = FENCE.get()  # a leader's admissions go together, fenced; the others together
-        batches = self._admissions.get(fence)
-        if batches is None:
-            batches = self._admissions[fence] = Batches(self._admit_batch, name="admissions")
-        answer = await batches.submit(admission)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+        return await _fenced_batch(self._admissions, self._admit_batch, "admissions", admission)
 
     async def _admit_batch(self, batch: list[Admission]) -> list[Refusal | Exception | None]:
         """Count in and insert every admission of ``batch`` that fits, in one transaction; an
@@ -403,14 +417,7 @@ class MongoStore:
         return Deployment.from_doc(found) if found else None
 
     async def _end(self, end: _End) -> Deployment | None:
-        fence = FENCE.get()  # a leader's ends go together, fenced; the others together
-        batches = self._ends.get(fence)
-        if batches is None:
-            batches = self._ends[fence] = Batches(self._end_batch, name="ends")
-        answer = await batches.submit(end)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+        return await _fenced_batch(self._ends, self._end_batch, "ends", end)
 
     async def _end_batch(self, batch: list[_End]) -> list[Deployment | Exception | None]:
         """Move each record of ``batch`` to its final status and count it out, in one
