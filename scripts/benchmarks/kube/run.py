@@ -155,6 +155,7 @@ async def _measure(
         pooled = await launches.pooled(min(runs, 20))
     finally:
         pods.close()
+        launches.close()
     return Results(fl, su, pooled, _per_launch(before, after, runs))
 
 

@@ -188,6 +188,13 @@ class Suite:
     def __init__(self, server: DeployServer, pods: PodWatch) -> None:
         self.server = server
         self._pods = pods
+        self._db: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+            server.db.uri, serverSelectionTimeoutMS=10_000
+        )
+        """The database's counters' reader (one client: no sign-in counted in a burst)."""
+
+    def close(self) -> None:
+        self._db.close()
 
     async def _launch(self, template: str) -> tuple[float, str, str]:
         """(when it left ``deploying``, on the bench's clock; its id; its status then)."""
@@ -200,13 +207,13 @@ class Suite:
         return time.perf_counter(), dep_id, status
 
     async def burst(self, template: str, n: int, out: Launches) -> None:
-        before = await asyncio.to_thread(costs, self.server)
+        before = await asyncio.to_thread(costs, self.server, self._db)
         machine = await asyncio.to_thread(machine_cpu, suite_pids(self.server))
         start = time.perf_counter()
         launched = await asyncio.gather(*(self._launch(template) for _ in range(n)))
         after = await asyncio.to_thread(machine_cpu, suite_pids(self.server))
         out.machine.append(_per(after, machine, n))
-        out.costs.append(_per(await asyncio.to_thread(costs, self.server), before, n))
+        out.costs.append(_per(await asyncio.to_thread(costs, self.server, self._db), before, n))
         ids = [i for _, i, _ in launched if i]
         out.failures += [s for _, _, s in launched if s != "deployed"]
         deployed = {f"binder-{i}": done for done, i, s in launched if s == "deployed"}
@@ -273,75 +280,68 @@ def suite_pids(server: DeployServer) -> set[int]:
     return {server.proc.pid, server.db.proc.pid, server.proxy.proc.pid}
 
 
-PARTS = {
-    "node": ("kubelet", "containerd", "containerd-shim", "runc", "pause", "kube-proxy"),
-    "control_plane": ("kube-apiserver", "etcd", "kube-scheduler", "kube-controller", "kwok"),
-}
-"""Programs by the part of the machine they are (their names as /proc gives them, cut to 15
-characters); the apps' own processes fall in ``other``."""
+CONTROL_PLANE = ("kube-apiserver", "etcd", "kube-scheduler", "kube-controller", "kwok")
+"""The control plane's programs (their names as /proc gives them, cut to 15 characters)."""
 
 
 def machine_cpu(suite: set[int]) -> dict[str, float]:
-    """The machine's CPU so far (ms), in all (``total``, from /proc/stat) and by part: the node
-    (kubelet, containerd, its shims and runc), the control plane, the suite's processes
-    (``suite``), this bench, and the rest (``other``: the apps, the kernel's threads). A
-    process counts with the children it reaped: a short-lived runc is the shim's or
-    containerd's; one that was there at the first look and was reaped before the next counts
-    twice (rare, and small)."""
+    """The machine's CPU so far (ms): in all (``total``, from /proc/stat), the control plane's,
+    the suite's processes' (``suite``), this bench's, and the rest (``node_and_apps``: the
+    kubelet, containerd, its shims and runc, the apps, the kernel's threads). The node is not
+    told apart from the apps: containerd's shims and runc come and go between two looks, and
+    their CPU with them."""
     with open("/proc/stat") as f:
         jiffies = [int(v) for v in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal: all but idle and iowait
     total = (sum(jiffies[:8]) - jiffies[3] - jiffies[4]) * 1000 / TICKS
-    parts = dict.fromkeys((*PARTS, "suite", "bench"), 0.0)
+    parts = dict.fromkeys(("control_plane", "suite", "bench"), 0.0)
     me = os.getpid()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            comm, ms = _stat(int(entry.name))
         except OSError:  # gone meanwhile
             continue
-        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
-        ms = sum(int(v) for v in rest[11:15]) * 1000 / TICKS  # utime stime cutime cstime
         pid = int(entry.name)
-        part = (
-            "suite"
-            if pid in suite
-            else "bench"
-            if pid == me
-            else next((p for p, names in PARTS.items() if comm.startswith(names)), None)
-        )
-        if part is not None:
-            parts[part] += ms
-    return {"total": total, **parts, "other": total - sum(parts.values())}
+        if pid in suite:
+            parts["suite"] += ms
+        elif pid == me:
+            parts["bench"] += ms
+        elif comm.startswith(CONTROL_PLANE):
+            parts["control_plane"] += ms
+    return {"total": total, **parts, "node_and_apps": total - sum(parts.values())}
 
 
 def _per(after: dict[str, float], before: dict[str, float], n: int) -> dict[str, float]:
     return {k: (after[k] - before.get(k, 0.0)) / n for k in after}
 
 
-def costs(server: DeployServer) -> dict[str, float]:
+def costs(server: DeployServer, db: pymongo.MongoClient[dict[str, Any]]) -> dict[str, float]:
     """What the suite has spent so far: the CPU (user + system, all threads, in milliseconds)
     of the deploy server, its database and its proxy, and the database's operations by kind
-    (``serverStatus``' counters: a command, a getMore of the change streams, ...)."""
+    (``serverStatus``' counters, read through ``db``, a client kept for the run: a command, a
+    getMore of the change streams, ...; each reading is one command of its own)."""
     assert server.proc is not None
     spent = {
-        f"{name}_cpu_ms": _cpu_ms(proc.pid)
+        f"{name}_cpu_ms": _stat(proc.pid)[1]
         for name, proc in (
             ("server", server.proc),
             ("db", server.db.proc),
             ("proxy", server.proxy.proc),
         )
     }
-    db: pymongo.MongoClient[dict[str, Any]]
-    with pymongo.MongoClient(server.db.uri, serverSelectionTimeoutMS=10_000) as db:
-        counters = db.admin.command("serverStatus")["opcounters"]
+    counters = db.admin.command("serverStatus")["opcounters"]
     return spent | {f"db_{kind}s": float(count) for kind, count in counters.items()}
 
 
-def _cpu_ms(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / TICKS
+def _stat(pid: int) -> tuple[str, float]:
+    """Process ``pid``'s name and its user + system CPU (all its threads), in milliseconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], (
+        int(fields[11]) + int(fields[12])
+    ) * 1000 / TICKS
 
 
 def record(out: Launches, start: float, done: dict[str, float], pods: PodWatch) -> None:
