@@ -41,6 +41,7 @@ import asyncio
 import functools
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -459,7 +460,7 @@ class MongoStore:
                 session, [(doc["template"], end.to) for end, doc in ending]
             )
             ended: dict[str, Deployment] = {}
-            out: dict[str, int] = {}
+            out: Counter[str] = Counter()
             for (end, doc), number in zip(ending, numbers, strict=True):
                 values = {**end.change.values(), "status": end.to.value, **number}
                 done = await self._deps.update_one(
@@ -468,8 +469,7 @@ class MongoStore:
                 if not done.matched_count:
                     raise Conflict
                 ended[end.dep_id] = Deployment.from_doc({**doc, **values})
-                for key in _keys(doc["template"], doc.get("client")):
-                    out[key] = out.get(key, 0) + 1
+                out.update(_keys(doc["template"], doc.get("client")))
             for n in set(out.values()):
                 keys = [k for k, v in out.items() if v == n]
                 await self._counters.update_many(
