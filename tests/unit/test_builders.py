@@ -271,6 +271,13 @@ def test_output_tail_and_event_messages() -> None:
         reason="NodeReady",
     )
     assert event_message(_json(other)) is None
+    created = client.CoreV1Event(
+        metadata=client.V1ObjectMeta(name="e"),
+        involved_object=client.V1ObjectReference(kind="Pod", name=f"binder-{ID}"),
+        reason="Created",
+        message="Created container app",
+    )
+    assert event_message(_json(created)) is None  # "Started" follows at once
 
 
 def _preload_pod(state: client.V1ContainerState, image_id: str, uid: str = "ds1") -> Any:

@@ -181,7 +181,7 @@ def openapi_document(extra_paths: dict[str, Any]) -> dict[str, Any]:
                         "Each status change is an `event: status` whose data is the deployment "
                         "record (as GET answers it), the first one being its status now. While it "
                         "deploys, a backend that sees its object's progress (on kubernetes the "
-                        "Pod's events: Scheduled, Pulling, Pulled, Created, Started, readiness) "
+                        "Pod's events: Scheduled, Pulling, Pulled, Started, readiness) "
                         'also sends `event: progress` with data `{"message": "<reason>: <text>"}` '
                         "(a watcher arriving mid-launch gets the last few first). With "
                         "`?output=1`, while it deploys, `event: output` with data "
