@@ -77,10 +77,23 @@ class FakeStore:
         self.leases: dict[str, tuple[str, int, float]] = {}
         self.beats: dict[str, float] = {}
         self.sessions: dict[str, datetime] = {}
+        self._all: list[FakeStore] = [self]
+        """The stores of one database: this one and its siblings."""
+
+    def sibling(self) -> FakeStore:
+        """Another server's store on the same database (its state shared)."""
+        other = FakeStore()
+        for name in ("deps", "templates", "seeds", "counters", "leases", "beats", "sessions"):
+            setattr(other, name, getattr(self, name))
+        other._all = self._all
+        self._all.append(other)
+        return other
 
     def _tell(self, dep: Deployment | None = None, progress: tuple[str, str] | None = None) -> None:
-        if self._events is not None:
-            self._events.put_nowait(Event(dep=dep, progress=progress))
+        """A record's write reaches every store's events; a progress message the others'."""
+        for store in self._all:
+            if store._events is not None and (progress is None or store is not self):
+                store._events.put_nowait(Event(dep=dep, progress=progress))
 
     def _count(self, dep: Deployment, by: int) -> None:
         for key in _keys(dep):

@@ -294,49 +294,72 @@ def test_records_ended_at_once_each_end_once_with_numbers_of_their_own(
     run(make_store, case)
 
 
-def test_progress_told_at_once_by_many_launches_reaches_followers_once_each_in_order(
-    make_store: Callable[[], Store],
+def _siblings(kind: str, database: Database) -> tuple[Store, Store]:
+    """Two servers' stores on one database."""
+    if kind == "fake":
+        store = FakeStore()
+        return store, store.sibling()
+    name = f"contract{secrets.token_hex(4)}"
+    return MongoStore(uri=database.uri, database=name), MongoStore(uri=database.uri, database=name)
+
+
+@pytest.mark.parametrize("kind", ["mongo", "fake"])
+def test_progress_told_at_once_by_many_launches_reaches_other_servers_once_each_in_order(
+    kind: str, database: Database
 ) -> None:
     """A burst's pods report their progress within milliseconds of each other: every message
-    reaches the servers' followers once, each launch's in the order its backend told them."""
+    reaches the other servers' followers once, each launch's in the order its backend told
+    them; the telling server's own stream leaves them out (it told its watchers itself)."""
 
-    async def case(store: Store) -> None:
+    async def follow(store: Store, seen: list[tuple[str, str]], arrived: list[anyio.Event]) -> None:
+        async for event in store.events():
+            if event.progress is not None:
+                seen.append(event.progress)
+                arrived[0].set()
+                arrived[0] = anyio.Event()
+
+    async def main() -> None:
+        teller, other = _siblings(kind, database)
+        await teller.open()
+        await other.open()
         seen: list[tuple[str, str]] = []
-        arrived = anyio.Event()
+        own: list[tuple[str, str]] = []
+        arrived = [anyio.Event()]
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow, other, seen, arrived)
+                tg.start_soon(follow, teller, own, [anyio.Event()])
+                with anyio.fail_after(10):  # a change stream follows from when it is open
+                    while not seen:
+                        await teller.progress("probe", "listening?")
+                        with anyio.move_on_after(0.05):
+                            await arrived[0].wait()
+                seen.clear()
+                told = {new_id(): [f"step {i}" for i in range(8)] for _ in range(5)}
 
-        async def follow() -> None:
-            nonlocal arrived
-            async for event in store.events():
-                if event.progress is not None:
-                    seen.append(event.progress)
-                    arrived.set()
-                    arrived = anyio.Event()
+                async def tell(dep_id: str, messages: list[str]) -> None:
+                    for message in messages:
+                        await teller.progress(dep_id, message)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(follow)
-            with anyio.fail_after(10):  # the change stream follows from when it is open
-                while not seen:
-                    await store.progress("probe", "listening?")
-                    with anyio.move_on_after(0.05):
-                        await arrived.wait()
-            seen.clear()
-            told = {new_id(): [f"step {i}" for i in range(8)] for _ in range(5)}
-
-            async def tell(dep_id: str, messages: list[str]) -> None:
-                for message in messages:
-                    await store.progress(dep_id, message)
-
-            with anyio.fail_after(10):
-                async with anyio.create_task_group() as tellers:
-                    for dep_id, messages in told.items():
-                        tellers.start_soon(tell, dep_id, messages)
-                while len([p for p in seen if p[0] in told]) < 40:
-                    await arrived.wait()
-            tg.cancel_scope.cancel()
+                with anyio.fail_after(10):
+                    async with anyio.create_task_group() as tellers:
+                        for dep_id, messages in told.items():
+                            tellers.start_soon(tell, dep_id, messages)
+                    while len([p for p in seen if p[0] in told]) < 40:
+                        await arrived[0].wait()
+                with anyio.fail_after(10):  # the teller's stream brings the other's, not its own
+                    while not own:
+                        await other.progress("back", "from the other server")
+                        await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+        finally:
+            await teller.close()
+            await other.close()
         for dep_id, messages in told.items():
             assert [m for d, m in seen if d == dep_id] == messages
+        assert set(own) == {("back", "from the other server")}
 
-    run(make_store, case)
+    anyio.run(main)
 
 
 def test_writes_on_connections_the_database_broke_by_restarting_still_land(

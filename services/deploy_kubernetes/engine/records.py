@@ -131,8 +131,8 @@ class Records:
         self._listeners.append(listener)
 
     def apply(self, event: Event) -> None:
-        """Apply a write or a progress message of any server, as the store's change stream
-        tells it (:meth:`Deployer.follow`)."""
+        """Apply a write of any server or another server's progress message, as the store's
+        change stream tells it (:meth:`Deployer.follow`)."""
         if event.dep is not None:
             self._remember(event.dep)
         elif event.progress is not None:
@@ -426,17 +426,19 @@ class Records:
     # --- watchers -----------------------------------------------------------------------------
 
     async def progress(self, dep_id: str, message: str) -> None:
-        """Tell the id's watchers on every server what the backend reports of its launch (while
-        it deploys): through the store, whose change stream brings it back to each server."""
+        """Tell the id's watchers what the backend reports of its launch (while it deploys):
+        this server's at once, every other server's through the store (their change streams
+        bring it to them; this server's leaves its own out)."""
         dep = self._view.get(dep_id)
         if dep is None and dep_id in self._held:  # its object was made while it is written
             self._held[dep_id].append(message)  # (a pod's Scheduled comes within milliseconds)
         elif dep is not None and dep.status is Status.DEPLOYING:
+            self._told(dep_id, message)
             await self._store.progress(dep_id, message)
 
     def _told(self, dep_id: str, message: str) -> None:
-        """A launch's progress, from the change stream: to this server's watchers of it; the
-        last few are kept for watchers who come later."""
+        """A launch's progress, this server's or another's (from the change stream): to this
+        server's watchers of it; the last few are kept for watchers who come later."""
         dep = self._view.get(dep_id)
         if dep is None or dep.status is not Status.DEPLOYING:
             return

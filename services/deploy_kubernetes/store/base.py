@@ -197,11 +197,13 @@ class Store(Protocol):
         or a delete was first."""
 
     async def progress(self, dep_id: str, message: str) -> None:
-        """Tell every server's watchers of a launch's progress (not kept)."""
+        """Tell the other servers' watchers of a launch's progress (not kept). This store's own
+        :meth:`events` does not bring it back: its caller tells its own watchers at once."""
 
     def events(self) -> AsyncIterator[Event]:
-        """Every record as it is written and every progress message, by any server, from now
-        on, for ever; resumed where it left off when the database comes back."""
+        """Every record as it is written, by any server, and every progress message of the
+        other servers (those of other stores), from now on, for ever; resumed where it left
+        off when the database comes back."""
 
     async def put_template(self, template: Template, *, seeded: Template | None = None) -> None:
         """Register ``template``. ``seeded`` (given when a template file seeds it at start) is

@@ -31,8 +31,8 @@ in the one that moves it to a final status, so no crash leaves them wrong. A lea
 own and unexpired, so a stalled ex-leader's late write fails. A server's admissions that come
 together go in one transaction, and so do its ends (moves to a final status) and its progress
 messages in one insert (:class:`~.transactions.Batches`): a burst's would otherwise conflict on the
-same counters, each transaction retried. Each server follows every other's writes of records,
-progress and templates through one change stream (:meth:`MongoStore.events`).
+same counters, each transaction retried. Each server follows the writes of records and templates
+and the other servers' progress through one change stream (:meth:`MongoStore.events`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
@@ -217,6 +218,8 @@ class MongoStore:
         self._servers = db.get_collection("servers", write_concern=lossy)
         self._progress = db.get_collection("progress", write_concern=lossy)
         self._history = MongoHistory(deps=self._deps, counters=self._counters)
+        self._me = secrets.token_hex(8)
+        """Marks this store's progress messages, which its own change stream leaves out."""
         self._told: Batches[dict[str, Any], None] = Batches(self._tell, name="progress")
         """Progress messages in batches: a burst's pods report their Scheduled, Pulled,
         Created and Started within milliseconds of each other; one insert, not one each."""
@@ -679,7 +682,7 @@ class MongoStore:
 
     @_translated
     async def progress(self, dep_id: str, message: str) -> None:
-        await self._told.submit({"id": dep_id, "message": message, "at": now()})
+        await self._told.submit({"id": dep_id, "message": message, "at": now(), "by": self._me})
 
     async def _tell(self, messages: list[dict[str, Any]]) -> list[None]:
         await self._progress.insert_many(messages)  # in order: a launch's messages keep theirs
@@ -694,6 +697,12 @@ class MongoStore:
                     # not the counters', windows', leases' or heartbeats' writes: each of those
                     # would cost the database a lookup and this server a decode, for nothing
                     "ns.coll": {"$in": list(FOLLOWED)},
+                    # nor this server's own progress, which it told its watchers at once: a
+                    # burst's messages were most of the events the stream brought back
+                    "$or": [
+                        {"ns.coll": {"$ne": "progress"}},
+                        {"fullDocument.by": {"$ne": self._me}},
+                    ],
                 }
             },
         ]
