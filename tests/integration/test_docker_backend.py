@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import docker
 import docker.errors
 import httpx
@@ -21,6 +22,8 @@ from harness import ROOT, Database, DeployServer, Proxy, wait_for
 from jupyter_kernel import run_cell
 
 from common.settings import derived_suite_label
+from services.deploy_kubernetes.backends.base import Observed
+from services.deploy_kubernetes.backends.docker.backend import DockerBackend
 
 IMAGE = "binder-busybox:test"
 WEB = {
@@ -399,3 +402,31 @@ def test_a_failed_container_says_its_last_lines(docker_deploy: DeployServer) -> 
     reason, _, lines = info["reason"].partition("; last output lines: ")
     assert reason == "container exited with code 3"
     assert set(lines.split(" | ")) == {"starting up", "something went wrong"}
+
+
+def test_closing_the_backend_ends_its_event_stream(engine: Any, label: str) -> None:
+    """The engine's event stream is read in a thread of its own: closing the backend (the
+    server stopping) ends it, rather than leaving the thread blocked in the engine's socket."""
+
+    async def main() -> None:
+        backend = DockerBackend(suite=label)
+
+        async def tell(observed: Observed) -> None:
+            pass
+
+        await backend.open(tell)
+        (watch,) = backend.loops().values()
+        ended = anyio.Event()
+
+        async def run() -> None:
+            await watch()
+            ended.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await anyio.sleep(0.5)  # the stream is open; nothing happens on the engine
+            await backend.close()
+            with anyio.fail_after(5):
+                await ended.wait()
+
+    anyio.run(main)

@@ -86,6 +86,8 @@ class DockerBackend:
         """Per template: ``loading``, ``completed`` or why its last pull failed."""
         self._pulls: set[asyncio.Task[None]] = set()
         self._closing = threading.Event()
+        self._events: Any = None
+        """The engine's event stream being read (closed by :meth:`close`, which ends its read)."""
         self.api_calls: dict[str, int] = {}
         self._removing: set[str] = set()
 
@@ -125,7 +127,10 @@ class DockerBackend:
         while not self._closing.is_set():
             try:
                 self._follow_running(label)
-                for event in self._client.events(decode=True, filters=filters):
+                self._events = self._client.events(decode=True, filters=filters)
+                if self._closing.is_set():  # closed while it opened: close() missed it
+                    self._events.close()
+                for event in self._events:
                     attrs = event.get("Actor", {}).get("Attributes", {})
                     dep_id = attrs.get("binder.id")
                     if event.get("status", event.get("Action")) == "start":
@@ -168,6 +173,9 @@ class DockerBackend:
 
     async def close(self) -> None:
         self._closing.set()
+        if self._events is not None:  # its thread is blocked reading it: ends the read
+            with contextlib.suppress(Exception):
+                self._events.close()
         if self._client is not None:
             await self._remove_network_if_unused()
             with contextlib.suppress(Exception):
