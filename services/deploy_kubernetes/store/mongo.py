@@ -106,6 +106,18 @@ SORT_FIELDS = {
 }
 PROGRESS_KEPT_SECONDS = 3600
 FOLLOWED = ("deployments", "progress", "templates")
+AWAIT_SECONDS = 1.0
+"""How long a read of the change stream waits for a change (its getMore's ``maxAwaitTimeMS``)."""
+EMPTY_PAUSE_SECONDS = 0.1
+"""After a read of the change stream that came back empty before its wait was over, this pause
+before the next. The embedded server ends a read at the first write anywhere, one that the
+stream's filter leaves out too (any database's: the counters', the leases', the log
+aggregator's records), where ``mongod`` waits for a change it would tell: each server made a
+round trip per write of the whole database (measured: 165 reads for 200 writes elsewhere,
+costing the database 0.4 ms and the follower 0.25 ms of CPU per write; 0.15 and 0.05 with the
+pause). A change comes at most this much later to a server that did not make it (its own are
+applied when written); against ``mongod`` an empty read has waited its whole time, and there is
+no pause."""
 """The collections whose changes a server follows (:meth:`MongoStore.events`)."""
 HISTORY_LOST = (136, 280, 286)
 """Codes of a change stream that cannot resume where it was (its history is gone)."""
@@ -709,9 +721,18 @@ class MongoStore:
         while True:
             try:
                 async with await self._db.watch(
-                    pipeline, full_document="updateLookup", resume_after=token
+                    pipeline,
+                    full_document="updateLookup",
+                    resume_after=token,
+                    max_await_time_ms=int(AWAIT_SECONDS * 1000),
                 ) as stream:
-                    async for change in stream:
+                    while stream.alive:
+                        asked = time.monotonic()
+                        change = await stream.try_next()
+                        if change is None:
+                            if time.monotonic() - asked < AWAIT_SECONDS / 2:
+                                await asyncio.sleep(EMPTY_PAUSE_SECONDS)
+                            continue
                         token = stream.resume_token
                         event = _event(change)
                         if event is not None:
