@@ -271,14 +271,14 @@ class IndexCatalog:
     def _iter_indexes(self, db: str, coll: str) -> Any:
         key = (db, coll)
         kept = self._kept.get(key)
-        if kept is not None:  # copies: a caller may change what it is given
-            return ((name, dict(spec), dict(options)) for name, spec, options in kept)
-        generation = self._generation
-        rows = list(self._read(db, coll))
-        with self._lock:
-            if generation == self._generation and key not in self._uncached:
-                self._kept[key] = [(n, dict(spec), dict(opts)) for n, spec, opts in rows]
-        return iter(rows)
+        if kept is None:
+            generation = self._generation
+            kept = list(self._read(db, coll))
+            with self._lock:
+                if generation == self._generation and key not in self._uncached:
+                    self._kept[key] = kept
+        # copies: a caller may change what it is given, and the kept rows are never handed out
+        return ((name, dict(spec), dict(options)) for name, spec, options in kept)
 
     def _writing(self, write: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
