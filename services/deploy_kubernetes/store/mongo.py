@@ -233,8 +233,8 @@ class MongoStore:
         self._me = secrets.token_hex(8)
         """Marks this store's progress messages, which its own change stream leaves out."""
         self._told: Batches[dict[str, Any], None] = Batches(self._tell, name="progress")
-        """Progress messages in batches: a burst's pods report their Scheduled, Pulled,
-        Created and Started within milliseconds of each other; one insert, not one each."""
+        """Progress messages in batches: a burst's pods report their Scheduled, Pulled and
+        Started within milliseconds of each other; one insert, not one each."""
         self._admissions: dict[Fence | None, Batches[Admission, Refusal | Exception | None]] = {}
         """Admissions in batches, one batcher per fence (its worker writes under it)."""
         self._ends: dict[Fence | None, Batches[_End, Deployment | Exception | None]] = {}
