@@ -14,7 +14,6 @@ each write concern it measures:
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -33,9 +32,8 @@ from pymongo import ASCENDING, MongoClient, ReturnDocument, WriteConcern
 from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 
-from scripts.benchmarks.shared import ROOT
+from scripts.benchmarks.shared import ROOT, cpu_ms
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WRITE_CONCERNS = {
     "w=1": WriteConcern(w=1),
     "j=true": WriteConcern(w=1, j=True),
@@ -122,9 +120,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         assert self.proc is not None
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return cpu_ms(self.proc.pid) / 1000
 
     def client(self) -> MongoClient[dict[str, Any]]:
         return MongoClient(

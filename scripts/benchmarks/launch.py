@@ -24,13 +24,18 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 from harness import EXAMPLE_COMMAND, free_port
 
 from common.local_http import RequestError
-from scripts.benchmarks.shared import ROOT, TICKS, Suite, post_and_follow, running_suite
+from scripts.benchmarks.shared import (
+    ROOT,
+    Suite,
+    machine_busy_ms,
+    post_and_follow,
+    running_suite,
+)
 
 SLOW_SECONDS = 2.0
 SLOW_RUNS = 6
@@ -157,14 +162,6 @@ class Phase:
 
     def cpu_per_launch(self) -> float:
         return sum(self.cpu.values()) / max(1, len(self.outcomes))
-
-
-def machine_busy_ms() -> float:
-    """CPU time the whole machine has spent busy (all cores, ``/proc/stat``), in ms."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
-        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    )
-    return (user + nice + system + irq + softirq + steal) * 1000 / TICKS
 
 
 async def quiet_machine() -> None:

@@ -119,10 +119,27 @@ CONTROL_PLANE = ("db", "logging", "proxy", "deploy-kubernetes")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu(pid: int) -> tuple[str, float]:
+    """Process ``pid``'s name and its user + system CPU (all its threads, not its children), in
+    milliseconds, from one read of ``/proc/<pid>/stat``."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    return name, (int(fields[11]) + int(fields[12])) * 1000 / TICKS
+
+
 def cpu_ms(pid: int) -> float:
     """User + system CPU of ``pid`` (all its threads, not its children) in milliseconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / TICKS
+    return process_cpu(pid)[1]
+
+
+def machine_busy_ms() -> float:
+    """CPU time the whole machine has spent busy (all cores, ``/proc/stat``: all but idle and
+    iowait), in ms."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) * 1000 / TICKS
 
 
 @dataclass

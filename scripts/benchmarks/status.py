@@ -6,7 +6,6 @@ generator and the kernel leave them."""
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 from pymongo import MongoClient
 
-from scripts.benchmarks.shared import Suite, report, running_suite
+from scripts.benchmarks.shared import Suite, machine_busy_ms, report, running_suite
 
 WRK_SCRIPT = """
 local ids = {}
@@ -42,12 +41,6 @@ def _wrk(url: str, seconds: int, script: Path | None = None) -> float:
     raise SystemExit(f"wrk printed no rate:\n{out}")
 
 
-def _busy_ms() -> float:
-    """CPU time of the whole machine so far (every core, idle and iowait apart), in ms."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) * 1000 / os.sysconf("SC_CLK_TCK")
-
-
 def _children_ms() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (usage.ru_utime + usage.ru_stime) * 1000
@@ -56,14 +49,14 @@ def _children_ms() -> float:
 def _measured(suite: Suite, url: str, seconds: int, script: Path | None = None) -> dict[str, float]:
     """wrk's rate against ``url``, and the CPU per request of each side (microseconds)."""
     procs = suite.cpu()
-    machine, wrk, began = _busy_ms(), _children_ms(), time.monotonic()
+    machine, wrk, began = machine_busy_ms(), _children_ms(), time.monotonic()
     rate = _wrk(url, seconds, script)
     took = time.monotonic() - began
     requests = rate * seconds
     after = suite.cpu()
     servers = sum(after[k] - procs[k] for k in procs if k.startswith("deploy-kubernetes"))
     control = sum(after[k] - procs[k] for k in procs) - servers
-    wrk_ms, busy = _children_ms() - wrk, _busy_ms() - machine
+    wrk_ms, busy = _children_ms() - wrk, machine_busy_ms() - machine
     per = 1000 / requests  # ms over all requests -> us per request
     return {
         "rps": rate,

@@ -21,7 +21,7 @@ from kubernetes import client as kclient
 from kubernetes import watch as kwatch
 
 from common.local_http import RequestError, request
-from scripts.benchmarks.shared import post_and_follow
+from scripts.benchmarks.shared import cpu_ms, machine_busy_ms, post_and_follow, process_cpu
 from services.deploy_kubernetes.backends.base import LaunchSpec
 from services.deploy_kubernetes.backends.kubernetes.objects import make_pod
 from services.deploy_kubernetes.backends.readiness import ready_answer
@@ -29,7 +29,6 @@ from services.deploy_kubernetes.models import Template, new_id
 
 POOL = 3
 """Instances of the pooled phase's pool."""
-TICKS = os.sysconf("SC_CLK_TCK")
 FLOOR_POLL_SECONDS = 0.001
 """The floor looks at a pod whose container runs this often (times the burst's size: a thousand
 connect attempts a second in all, which two cores afford beside the node's own work)."""
@@ -290,17 +289,14 @@ def machine_cpu(suite: set[int]) -> dict[str, float]:
     kubelet, containerd, its shims and runc, the apps, the kernel's threads). The node is not
     told apart from the apps: containerd's shims and runc come and go between two looks, and
     their CPU with them."""
-    with open("/proc/stat") as f:
-        jiffies = [int(v) for v in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal: all but idle and iowait
-    total = (sum(jiffies[:8]) - jiffies[3] - jiffies[4]) * 1000 / TICKS
+    total = machine_busy_ms()
     parts = dict.fromkeys(("control_plane", "suite", "bench"), 0.0)
     me = os.getpid()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            comm, ms = _stat(int(entry.name))
+            comm, ms = process_cpu(int(entry.name))
         except OSError:  # gone meanwhile
             continue
         pid = int(entry.name)
@@ -324,7 +320,7 @@ def costs(server: DeployServer, db: pymongo.MongoClient[dict[str, Any]]) -> dict
     getMore of the change streams, ...; each reading is one command of its own)."""
     assert server.proc is not None
     spent = {
-        f"{name}_cpu_ms": _stat(proc.pid)[1]
+        f"{name}_cpu_ms": cpu_ms(proc.pid)
         for name, proc in (
             ("server", server.proc),
             ("db", server.db.proc),
@@ -333,15 +329,6 @@ def costs(server: DeployServer, db: pymongo.MongoClient[dict[str, Any]]) -> dict
     }
     counters = db.admin.command("serverStatus")["opcounters"]
     return spent | {f"db_{kind}s": float(count) for kind, count in counters.items()}
-
-
-def _stat(pid: int) -> tuple[str, float]:
-    """Process ``pid``'s name and its user + system CPU (all its threads), in milliseconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
-    return stat[stat.index("(") + 1 : stat.rindex(")")], (
-        int(fields[11]) + int(fields[12])
-    ) * 1000 / TICKS
 
 
 def record(out: Launches, start: float, done: dict[str, float], pods: PodWatch) -> None:
