@@ -108,7 +108,7 @@ def test_an_app_listening_when_its_template_did_is_looked_at_closely_then(
 
     sparse_before, sparse_within = asyncio.run(main(None))
     before, within = asyncio.run(main((0.3, 0.5)))
-    assert before <= sparse_before + 1
+    assert before <= sparse_before * 1.2 + 2  # the same schedule (a loaded loop's lag aside)
     assert sparse_within <= 6  # 10% of the time taken: one look per 30-40 ms
     assert within >= max(15, 3 * sparse_within)  # every 2 ms over 0.1 s, or a slow loop's best
 
