@@ -111,6 +111,40 @@ def test_move_sets_fields_and_is_idempotent(make_store: Callable[[], Store]) -> 
     run(make_store, case)
 
 
+def test_moves_made_at_once_each_land_and_answer_their_own_record(
+    make_store: Callable[[], Store],
+) -> None:
+    """A burst's moves to ``deployed`` (which the store may write together): each lands and
+    answers its own record, a move of a record that cannot move answers None without holding
+    the others back, and a record moved twice at once is moved once."""
+
+    async def case(store: Store) -> None:
+        deps = [_dep() for _ in range(20)]
+        for dep in deps:
+            await store.insert(dep)
+        gone = deps[0]
+        await store.move(gone.id, Status.DELETED, Change(reason="bye"))
+
+        async def deploy(dep: Deployment) -> Deployment | None:
+            change = Change(target=f"http://{dep.id}:1", deployed_at=now())
+            return await store.move(dep.id, Status.DEPLOYED, change, known=dep)
+
+        answers = await asyncio.gather(*(deploy(d) for d in [*deps, deps[1]]))
+        assert answers[0] is None  # deleted before: no way to deployed
+        for dep, answer in zip(deps[1:], answers[1:-1], strict=True):
+            assert answer is not None
+            assert (answer.id, answer.status, answer.target) == (
+                dep.id,
+                Status.DEPLOYED,
+                f"http://{dep.id}:1",
+            )
+            assert answer == await store.get(dep.id)
+        assert answers[-1] is not None  # its second move: it landed (by the first)
+        assert answers[-1].id == deps[1].id
+
+    run(make_store, case)
+
+
 def test_move_and_update_from_the_known_record_match_what_is_stored(
     make_store: Callable[[], Store],
 ) -> None:

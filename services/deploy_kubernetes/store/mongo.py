@@ -147,6 +147,16 @@ async def _fenced_batch(
 
 
 @dataclass(frozen=True)
+class _Move:
+    """A record's move to a status that is not final (:meth:`MongoStore.move`)."""
+
+    dep_id: str
+    to: Status
+    change: Change
+    known: Deployment | None
+
+
+@dataclass(frozen=True)
 class _End:
     """A record's move to a final status (:meth:`MongoStore.move`)."""
 
@@ -239,6 +249,8 @@ class MongoStore:
         """Admissions in batches, one batcher per fence (its worker writes under it)."""
         self._ends: dict[Fence | None, Batches[_End, Deployment | Exception | None]] = {}
         """Ends (moves to a final status) in batches, likewise."""
+        self._moves: dict[Fence | None, Batches[_Move, Deployment | Exception | None]] = {}
+        """The other moves in batches, likewise (:meth:`_move_batch`)."""
 
     @_translated
     async def open(self) -> None:
@@ -401,14 +413,29 @@ class MongoStore:
     ) -> Deployment | None:
         if to.final:
             return await self._end(_End(dep_id, to, change))
-        if FENCE.get() is not None:
+        move = _Move(dep_id, to, change, known)
+        return await _fenced_batch(self._moves, self._move_batch, "moves", move)
 
-            async def fenced(session: AsyncClientSession, attempt: int) -> Deployment | None:
-                await self._fence(session)
-                return await self._move(dep_id, to, change, known, session)
+    async def _move_batch(self, batch: list[_Move]) -> list[Deployment | Exception | None]:
+        """The moves of ``batch`` in one transaction, whose commit is one journal flush; a move
+        alone and unfenced in one write, as journaled.
 
-            return await in_transaction(self._client, fenced)
-        return await self._move(dep_id, to, change, known, None)
+        Why: the embedded server holds a collection's lock through each journaled write to it,
+        its journal flush included, so the records' writes go one flush after the other. The
+        moves to ``deployed`` of a burst of 50 on the Kubernetes test node come within a few
+        hundred milliseconds of each other, while the node writes to the same disk: each waited
+        for the flushes of those before it, 121 ms from the route added to the record moved
+        (median), 395 ms at most, against 4 ms in a burst of 10 (the server's own timestamps)."""
+        if len(batch) == 1 and FENCE.get() is None:
+            (alone,) = batch
+            return [await self._move(alone.dep_id, alone.to, alone.change, alone.known, None)]
+
+        async def body(session: AsyncClientSession, attempt: int) -> list[Deployment | None]:
+            await self._fence(session)
+            return [await self._move(m.dep_id, m.to, m.change, m.known, session) for m in batch]
+
+        moved: list[Deployment | Exception | None] = list(await in_transaction(self._client, body))
+        return moved
 
     async def _move(
         self,
