@@ -427,35 +427,29 @@ class MongoStore:
         for the flushes of those before it, 121 ms from the route added to the record moved
         (median), 395 ms at most, against 4 ms in a burst of 10 (the server's own timestamps)."""
         if len(batch) == 1 and FENCE.get() is None:
-            (alone,) = batch
-            return [await self._move(alone.dep_id, alone.to, alone.change, alone.known, None)]
+            return [await self._move(batch[0], None)]
 
-        async def body(session: AsyncClientSession, attempt: int) -> list[Deployment | None]:
+        async def body(
+            session: AsyncClientSession, attempt: int
+        ) -> list[Deployment | Exception | None]:
             await self._fence(session)
-            return [await self._move(m.dep_id, m.to, m.change, m.known, session) for m in batch]
+            return [await self._move(move, session) for move in batch]
 
-        moved: list[Deployment | Exception | None] = list(await in_transaction(self._client, body))
-        return moved
+        return await in_transaction(self._client, body)
 
-    async def _move(
-        self,
-        dep_id: str,
-        to: Status,
-        change: Change,
-        known: Deployment | None,
-        session: AsyncClientSession | None,
-    ) -> Deployment | None:
-        sources = [s.value for s in sources_of(to)]
+    async def _move(self, move: _Move, session: AsyncClientSession | None) -> Deployment | None:
+        sources = [s.value for s in sources_of(move.to)]
         done = await self._deps.update_one(
-            {"id": dep_id, "status": {"$in": sources}},
-            {"$set": {**change.values(), "status": to.value}},
+            {"id": move.dep_id, "status": {"$in": sources}},
+            {"$set": {**move.change.values(), "status": move.to.value}},
             session=session,
         )
-        if done.matched_count and known is not None and known.id == dep_id:
-            return known.evolve(status=to, **change.values())
+        known = move.known
+        if done.matched_count and known is not None and known.id == move.dep_id:
+            return known.evolve(status=move.to, **move.change.values())
         # moved now, or earlier by a retried write that landed: either way it is at `to`
         found = await self._deps.find_one(
-            {"id": dep_id, "status": to.value}, {"_id": 0}, session=session
+            {"id": move.dep_id, "status": move.to.value}, {"_id": 0}, session=session
         )
         return Deployment.from_doc(found) if found else None
 
