@@ -222,6 +222,77 @@ async def _never_gone() -> str | None:
     return None
 
 
+async def _answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:  # the connect attempts close without a request
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+def test_a_template_whose_apps_tell_when_they_listen_is_looked_at_on_their_word(
+    tmp_path: Path, knocks: list[int]
+) -> None:
+    """Apps that write nothing until they listen, then a line, are seen at that line: their
+    template loses its close window (whose attempts are spent for nothing), while a template
+    whose apps write as they start keeps it. Both are seen, each launch answering."""
+    starts = StartTimes()
+
+    async def launch(template: str, *, early_line: bool) -> int:
+        output = tmp_path / f"{template}.log"
+        output.write_bytes(b"")
+        knocks.clear()
+        watch = OutputWatch()
+        told = asyncio.create_task(watch.run())
+        with socket.socket() as listener, watch.hints(output) as hints:
+            listener.bind(("127.0.0.1", 0))
+            port = listener.getsockname()[1]
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+
+            async def app() -> asyncio.Server:
+                if early_line:  # a chatty start
+                    await asyncio.sleep(0.05)
+                    output.write_text("loading\n")
+                await asyncio.sleep(max(0.0, began + 0.5 - loop.time()))
+                server = await asyncio.start_server(_answer_ok, sock=listener)
+                with output.open("a") as out:
+                    out.write("serving\n")
+                return server
+
+            serving = asyncio.create_task(app())
+            await wait_http(
+                f"http://127.0.0.1:{port}/",
+                deadline=loop.time() + 10,
+                alive=_never_gone,
+                starts=starts,
+                template=template,
+                hints=hints,
+            )
+            (await serving).close()
+        told.cancel()
+        watch.close()
+        return len(knocks)
+
+    async def main() -> tuple[list[int], list[int]]:
+        quiet = [await launch("quiet", early_line=False) for _ in range(4)]
+        chatty = [await launch("chatty", early_line=True) for _ in range(4)]
+        return quiet, chatty
+
+    quiet, chatty = asyncio.run(main())
+    assert starts.tells("quiet")
+    assert starts.window("quiet") is None
+    assert not starts.tells("chatty")
+    assert starts.window("chatty") is not None
+    # from the second launch on, each template has a start time to go by; the quiet one's
+    # attempts stay sparse, the chatty one's come every couple of milliseconds near 0.5 s
+    assert max(quiet[1:]) <= 12
+    assert min(chatty[1:]) >= 2 * max(quiet[1:])
+
+
 def test_an_app_that_never_listens_times_out_naming_its_port() -> None:
     async def main() -> None:
         with socket.socket() as never:
