@@ -7,7 +7,9 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -222,15 +224,21 @@ async def _never_gone() -> str | None:
     return None
 
 
-async def _answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:  # the connect attempts close without a request
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    finally:
-        writer.close()
+def _answering(status: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
+    """An app's connection handler that answers every request with ``status``."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:  # the connect attempts close without a request
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    return answer
 
 
 def test_a_template_whose_apps_tell_when_they_listen_is_looked_at_on_their_word(
@@ -258,7 +266,7 @@ def test_a_template_whose_apps_tell_when_they_listen_is_looked_at_on_their_word(
                     await asyncio.sleep(0.05)
                     output.write_text("loading\n")
                 await asyncio.sleep(max(0.0, began + 0.5 - loop.time()))
-                server = await asyncio.start_server(_answer_ok, sock=listener)
+                server = await asyncio.start_server(_answering(b"200 OK"), sock=listener)
                 with output.open("a") as out:
                     out.write("serving\n")
                 return server
@@ -309,19 +317,8 @@ def test_an_app_that_never_listens_times_out_naming_its_port() -> None:
 def test_an_app_that_answers_only_errors_times_out_naming_its_last_answer() -> None:
     """It listens, so it is probed over HTTP until the deadline; the reason names what it said."""
 
-    async def failing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:  # the connect attempts close without a request
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            await writer.wait_closed()
-
     async def main() -> None:
-        server = await asyncio.start_server(failing, "127.0.0.1", 0)
+        server = await asyncio.start_server(_answering(b"503 Service Unavailable"), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         async with server:
             with pytest.raises(LaunchError) as raised:
