@@ -1,23 +1,28 @@
 """The embedded database's index catalog, read once per collection and kept
 (:class:`services.embedded_db.IndexCatalog`), never answers from a catalog an index change has
 made stale: on the suite's ``db`` program, each change comes after the collection's catalog was
-read and kept by earlier writes and reads."""
+read and kept by earlier writes and reads. Its change streams, which skip the writes their
+``$match`` leaves out before making events of them
+(:func:`services.embedded_db.follow_only_matched_collections`), tell every change they match, in
+order, across more writes left out than one read of the oplog examines, and when resumed."""
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import secantus.commands
 import secantus.storage
 from harness import Database
 from pymongo import ASCENDING, MongoClient
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError
 
-from services.embedded_db import CATALOG_WRITERS
+from services.embedded_db import CATALOG_WRITERS, followed_collections
 
 pytestmark = pytest.mark.integration
 
@@ -94,3 +99,84 @@ def test_the_catalogs_writers_are_the_ones_wrapped() -> None:
     }
     at_start = {"__init__", "_table_kf"}  # the table's creation and key format, at start
     assert touching == {"_iter_indexes", "_maybe_mark_multikey", *CATALOG_WRITERS, *at_start}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Any]:
+    server = Database(tmp_path).start()
+    client: MongoClient[dict[str, Any]]
+    with MongoClient(server.uri, serverSelectionTimeoutMS=5000, journal=True) as client:
+        yield client["streams"]
+    server.stop()
+
+
+def _changes(stream: Any, count: int) -> list[tuple[str, str, Any]]:
+    """The next ``count`` changes of ``stream`` (fewer if they do not come within 10 s)."""
+    seen: list[tuple[str, str, Any]] = []
+    deadline = time.monotonic() + 10
+    while len(seen) < count and time.monotonic() < deadline:
+        change = stream.try_next()
+        if change is not None:
+            key = change.get("documentKey", {}).get("_id")
+            seen.append((change["operationType"], change["ns"]["coll"], key))
+    return seen
+
+
+def test_a_stream_following_some_collections_tells_their_changes_in_order(db: Any) -> None:
+    """Between the followed collection's changes come 450 writes to another (more than the
+    200 entries one read of the oplog returns), and a transaction writes to both."""
+    follow = [{"$match": {"ns.coll": {"$in": ["records"]}, "operationType": {"$ne": "x"}}}]
+    everything = [{"$match": {"operationType": "insert"}}]
+    with db.watch(follow, max_await_time_ms=200) as stream, db.watch(everything) as whole:
+        db.records.insert_one({"_id": 1})
+        db.counters.insert_many([{"_id": n} for n in range(300)])
+        db.records.update_one({"_id": 1}, {"$set": {"status": "deployed"}})
+        for n in range(150):
+            db.counters.update_one({"_id": n}, {"$inc": {"n": 1}})
+        with db.client.start_session() as session, session.start_transaction():
+            db.counters.insert_one({"_id": "in a transaction"}, session=session)
+            db.records.insert_one({"_id": 2}, session=session)
+        db.records.delete_one({"_id": 1})
+        told = _changes(stream, 4)
+        assert told == [
+            ("insert", "records", 1),
+            ("update", "records", 1),
+            ("insert", "records", 2),
+            ("delete", "records", 1),
+        ]
+        inserts = _changes(whole, 303)  # a stream whose match names no collection: all of them
+        assert {coll for _, coll, _ in inserts} == {"records", "counters"}
+        resume_at = stream.resume_token
+    db.records.insert_one({"_id": 3})
+    db.counters.insert_one({"_id": "after"})
+    with db.watch(follow, resume_after=resume_at) as resumed:
+        assert _changes(resumed, 1) == [("insert", "records", 3)]
+        assert resumed.try_next() is None
+
+
+def test_only_a_first_match_naming_collections_narrows_a_stream() -> None:
+    named = followed_collections([{"$match": {"ns.coll": {"$in": ["a", "b"]}}}])
+    assert named == frozenset({"a", "b"})
+    one = followed_collections([{"$match": {"ns.coll": "a", "operationType": "insert"}}])
+    assert one == frozenset({"a"})
+    for stages in (
+        [],
+        [{"$match": {"operationType": "insert"}}],
+        [{"$match": {"ns.coll": {"$nin": ["a"]}}}],
+        [{"$match": {"ns.coll": {"$in": ["a"], "$ne": "b"}}}],
+        [{"$match": {"$or": [{"ns.coll": "a"}, {"ns.coll": "b"}]}}],
+        [{"$project": {"ns": 1}}, {"$match": {"ns.coll": "a"}}],
+    ):
+        assert followed_collections(stages) is None
+
+
+def test_the_change_streams_making_is_what_the_narrowing_relies_on() -> None:
+    """The pinned server opens a change stream in ``_aggregate_change_stream``, called by its
+    name, and reads the oplog through the storage its context gives, with the namespace filter
+    the narrowing adds to (a new version that does otherwise fails here)."""
+    source = inspect.getsource(secantus.commands)
+    assert "return _aggregate_change_stream(doc, ctx, coll, pipeline, batch_size)" in source
+    making = inspect.getsource(secantus.commands._aggregate_change_stream)
+    assert "storage = ctx.storage" in making
+    assert "storage.read_oplog_scan(" in making
+    assert making.count("read_oplog") == 1
