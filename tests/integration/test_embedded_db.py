@@ -20,6 +20,7 @@ import secantus.storage
 from harness import Database
 from pymongo import ASCENDING, MongoClient
 from pymongo.collection import Collection
+from pymongo.database import Database as MongoDatabase
 from pymongo.errors import DuplicateKeyError
 
 from services.embedded_db import CATALOG_WRITERS, followed_collections
@@ -28,12 +29,18 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def coll(tmp_path: Path) -> Iterator[Collection[dict[str, Any]]]:
+def db(tmp_path: Path) -> Iterator[MongoDatabase[dict[str, Any]]]:
+    """A database of the suite's ``db`` program, started for the test."""
     server = Database(tmp_path).start()
     client: MongoClient[dict[str, Any]]
     with MongoClient(server.uri, serverSelectionTimeoutMS=5000, journal=True) as client:
-        yield client["catalog"]["records"]
+        yield client["catalog"]
     server.stop()
+
+
+@pytest.fixture
+def coll(db: MongoDatabase[dict[str, Any]]) -> Collection[dict[str, Any]]:
+    return db["records"]
 
 
 def _warm(coll: Collection[dict[str, Any]]) -> None:
@@ -101,15 +108,6 @@ def test_the_catalogs_writers_are_the_ones_wrapped() -> None:
     assert touching == {"_iter_indexes", "_maybe_mark_multikey", *CATALOG_WRITERS, *at_start}
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Any]:
-    server = Database(tmp_path).start()
-    client: MongoClient[dict[str, Any]]
-    with MongoClient(server.uri, serverSelectionTimeoutMS=5000, journal=True) as client:
-        yield client["streams"]
-    server.stop()
-
-
 def _changes(stream: Any, count: int) -> list[tuple[str, str, Any]]:
     """The next ``count`` changes of ``stream`` (fewer if they do not come within 10 s)."""
     seen: list[tuple[str, str, Any]] = []
@@ -122,7 +120,9 @@ def _changes(stream: Any, count: int) -> list[tuple[str, str, Any]]:
     return seen
 
 
-def test_a_stream_following_some_collections_tells_their_changes_in_order(db: Any) -> None:
+def test_a_stream_following_some_collections_tells_their_changes_in_order(
+    db: MongoDatabase[dict[str, Any]],
+) -> None:
     """Between the followed collection's changes come 450 writes to another (more than the
     200 entries one read of the oplog returns), and a transaction writes to both."""
     follow = [{"$match": {"ns.coll": {"$in": ["records"]}, "operationType": {"$ne": "x"}}}]
