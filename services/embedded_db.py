@@ -350,8 +350,10 @@ def follow_only_matched_collections() -> None:
     streams' work was a quarter of its CPU, its ``$match`` over the events as much as the
     events' making (yappi). An update of a counter cost the server 0.66-0.86 ms of CPU with no
     stream open, 1.33-1.52 ms with two deploy servers' streams, and 0.73-1.03 ms with those
-    streams narrowed (2,000 updates each way, measured). It replaces ``_aggregate_change_stream`` of the server's commands, a
-    private function of ``secantusdb`` 0.7.0b3 (pinned), with one that gives it the storage as
+    streams narrowed (2,000 updates each way, measured).
+
+    It replaces ``_aggregate_change_stream`` of the server's commands, a private function of
+    ``secantusdb`` 0.7.0b3 (pinned), with one that gives it the storage as
     :class:`_FollowedOplog`; ``tests/integration/test_embedded_db.py`` holds what it relies on
     to the source. Exit condition: delete it when the server filters by namespace before it
     makes events."""

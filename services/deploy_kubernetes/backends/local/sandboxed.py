@@ -455,9 +455,9 @@ class SandboxedBackend:
         """A parked slot, or one made now (the pool ran dry: this launch pays ~20 ms).
 
         Slots made on launches' paths are made one at a time: each is mostly netlink work in
-        the server (Python, under the GIL) and the kernel's making of a network namespace
-        (under its one routing lock), and forty made at once in a burst of 50 spent most of
-        their CPU handing the GIL and the lock round: the server's CPU per launch was 35-65 ms
+        the server (Python, under the GIL) and the kernel's making of a network namespace, and
+        forty made at once in a burst of 50 spent much of their CPU in the kernel, handing the
+        GIL round (futex waits and wakes, scheduling): the server's CPU per launch was 35-65 ms
         against 20-25 ms one at a time, and the burst was all deployed 0.3-0.9 s sooner one at
         a time (three bursts of 50 each way, measured)."""
         slot = self._slots.take()
